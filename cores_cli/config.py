@@ -1,0 +1,334 @@
+"""Model configuration: typed dataclasses, one per model part, and named presets.
+
+A checkpoint's ``config.json`` is a :class:`ModelConfig`. Presets:
+
+- ``tiny``: a 2-layer Llama with a locally built tokenizer, a tiny CLIP tower and a tiny SAM,
+  all randomly initialised and constructible offline in seconds (tests, smoke runs, the CPU
+  recipes).
+- ``llava-1.5-7b`` / ``llava-1.5-13b``: an HF-format LLaVA-1.5 directory and an official SAM
+  ``sam_vit_h_4b8939.pth``, both given by path (``--set mllm.path=... --set sam.checkpoint=...``).
+  The architecture numbers are kept so the models can be built on the ``meta`` device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .configio import apply_overrides, dump_text, from_dict, read_mapping, to_dict
+from .errors import ConfigError
+
+CHAIN_TOKENS: tuple[str, ...] = ("[LOC]", "[POS]", "[SEG]")
+"""Special tokens that carry the chain, outermost level first. ``[SEG]`` always ends a chain."""
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class SamConfig:
+    """SAM (segment-anything). ``image_size`` is the square input side; masks come out at
+    ``4 * image_size / patch_size`` per side (256 at real size)."""
+
+    image_size: int = 1024
+    patch_size: int = 16
+    encoder_embed_dim: int = 1280
+    encoder_depth: int = 32
+    encoder_num_heads: int = 16
+    encoder_global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+    checkpoint: str | None = None
+    """Official ``sam_vit_*.pth`` (loaded with ``weights_only=True``); None = random init."""
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def mask_size(self) -> int:
+        return 4 * self.embedding_size
+
+
+@dataclass
+class TextArch:
+    """The Llama language model of LLaVA (used when building without a directory)."""
+
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    vocab_size: int = 32064
+    """Base vocabulary before the chain tokens are added; 0 = the tokenizer's size."""
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+
+
+@dataclass
+class VisionArch:
+    """The CLIP vision tower of LLaVA."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    projection_dim: int = 768
+    hidden_act: str = "quick_gelu"
+
+
+@dataclass
+class MllmConfig:
+    """The multimodal LLM. With ``path`` set, the HF LLaVA directory there is loaded (its own
+    config.json wins over ``text``/``vision``); with ``path`` None a model is built from
+    ``text``/``vision`` with random weights (the tiny preset, or real sizes on ``meta``)."""
+
+    path: str | None = None
+    tokenizer: str | None = None
+    """Tokenizer directory; None = ``path``, or the built-in tiny tokenizer when ``path`` is None."""
+    text: TextArch = field(default_factory=TextArch)
+    vision: VisionArch = field(default_factory=VisionArch)
+    image_token_index: int | None = 32000
+    """Id of ``<image>``; None = look it up in the tokenizer."""
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    image_mode: Literal["crop", "pad"] = "crop"
+    """How the CLIP input is made square: resize + centre crop (LISA, HF processor) or pad."""
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    @property
+    def num_image_tokens(self) -> int:
+        n = (self.vision.image_size // self.vision.patch_size) ** 2
+        return n + 1 if self.vision_feature_select_strategy == "full" else n
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Module names inside the language model only (the vision tower is never adapted)."""
+
+
+@dataclass
+class ChainConfig:
+    """The dual chain (paper §3.1) and the switches of the paper's Table 3."""
+
+    depth: int = 2
+    """1 = ``[SEG]`` (LISA), 2 = ``[LOC] → [SEG]`` (paper default), 3 = ``[LOC] → [POS] → [SEG]``."""
+    reasoning: bool = True
+    """CoR. Off: the answer carries only ``[SEG]`` and every level reuses its embedding."""
+    segmenting: bool = True
+    """CoS. Off: one decoder pass prompted with the mean of the chain embeddings."""
+    refiner: bool = True
+    """CoS-R. Off: levels t ≥ 1 use the unrefined token (the soft mask prompt stays)."""
+    refiner_heads: int = 8
+    refiner_init_scale: float = 1e-3
+    """Std of the refiner's output projection at init: near identity, yet every refiner
+    weight gets a gradient from the first step."""
+
+    def __post_init__(self) -> None:
+        if self.depth not in (1, 2, 3):
+            raise ValueError(f"chain.depth must be 1, 2 or 3, got {self.depth}")
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """The chain tokens the answer carries, outermost first."""
+        if not self.reasoning or self.depth == 1:
+            return ("[SEG]",)
+        return ("[LOC]", "[SEG]") if self.depth == 2 else ("[LOC]", "[POS]", "[SEG]")
+
+    @property
+    def levels(self) -> int:
+        """Mask-decoder passes per target."""
+        return self.depth if self.segmenting else 1
+
+
+@dataclass
+class PromptConfig:
+    """The conversation around the query (DESIGN §4)."""
+
+    system: str = (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    )
+    cores_suffix: str = (
+        "To realize segmentation, the assistant guesses all possible object it typically "
+        "appears on and its distinct appearance."
+    )
+    in_context_k: int = 1
+    """Exemplars drawn per sample (paper's InC); 0 disables in-context guidance."""
+    context_library: str | None = None
+    """Exemplar library (JSONL); None = the one shipped in the package."""
+    max_text_tokens: int = 512
+    """Token budget excluding image tokens; exemplars are dropped first, then the query shortened."""
+    answer_template: int = 0
+    """Which answer phrasing eval and predict use (training samples all of them)."""
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (LISA/CoReS code defaults; the paper's text and Table S2 disagree)."""
+
+    ce: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+    intermediate: float = 0.0
+    """Weight of BCE+Dice on the intermediate levels against the final target (0 = off, as
+    in the paper; Table S1 shows supervising C1 hurts)."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "custom"
+    sam: SamConfig = field(default_factory=SamConfig)
+    mllm: MllmConfig = field(default_factory=MllmConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train_extra: tuple[str, ...] = ()
+    """Parts trainable beyond the paper's set, for from-scratch recipes: any of
+    ``sam_image_encoder``, ``sam_prompt_encoder``, ``vision_tower``, ``mm_projector``, ``llm``."""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.train_extra) - set(EXTRA_TRAINABLE))
+        if bad:
+            raise ValueError(f"train_extra: unknown part {bad[0]!r}; choose from {', '.join(EXTRA_TRAINABLE)}")
+
+
+EXTRA_TRAINABLE = ("sam_image_encoder", "sam_prompt_encoder", "vision_tower", "mm_projector", "llm")
+
+
+# ----------------------------------------------------------------------------------- presets
+
+
+def sam_vit_h() -> SamConfig:
+    return SamConfig()
+
+
+def sam_vit_l() -> SamConfig:
+    return SamConfig(encoder_embed_dim=1024, encoder_depth=24, encoder_global_attn_indexes=(5, 11, 17, 23))
+
+
+def sam_vit_b() -> SamConfig:
+    return SamConfig(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=(2, 5, 8, 11))
+
+
+def sam_tiny() -> SamConfig:
+    return SamConfig(
+        image_size=128,
+        patch_size=16,
+        encoder_embed_dim=64,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        encoder_global_attn_indexes=(1,),
+        window_size=4,
+        prompt_embed_dim=64,
+        decoder_depth=2,
+        decoder_mlp_dim=128,
+        decoder_num_heads=2,
+        iou_head_hidden_dim=64,
+    )
+
+
+SAM_PRESETS = {"vit_h": sam_vit_h, "vit_l": sam_vit_l, "vit_b": sam_vit_b, "tiny": sam_tiny}
+
+
+def tiny() -> ModelConfig:
+    return ModelConfig(
+        preset="tiny",
+        sam=sam_tiny(),
+        mllm=MllmConfig(
+            text=TextArch(
+                hidden_size=64,
+                intermediate_size=128,
+                num_layers=2,
+                num_heads=4,
+                num_kv_heads=4,
+                vocab_size=0,
+                max_position_embeddings=2048,
+                rms_norm_eps=1e-6,
+            ),
+            vision=VisionArch(
+                hidden_size=32,
+                intermediate_size=64,
+                num_layers=2,
+                num_heads=2,
+                image_size=32,
+                patch_size=8,
+                projection_dim=32,
+            ),
+            image_token_index=None,
+            image_mode="pad",
+        ),
+        chain=ChainConfig(refiner_heads=4),
+        prompt=PromptConfig(max_text_tokens=384),
+    )
+
+
+def llava_15_7b() -> ModelConfig:
+    return ModelConfig(preset="llava-1.5-7b", sam=sam_vit_h(), mllm=MllmConfig())
+
+
+def llava_15_13b() -> ModelConfig:
+    text = TextArch(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
+    return ModelConfig(preset="llava-1.5-13b", sam=sam_vit_h(), mllm=MllmConfig(text=text))
+
+
+PRESETS = {"tiny": tiny, "llava-1.5-7b": llava_15_7b, "llava-1.5-13b": llava_15_13b}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+
+
+def load_model_config(
+    preset_name: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> ModelConfig:
+    """Preset, then a JSON/YAML file on top of it, then ``--set`` overrides.
+
+    A file may hold the ModelConfig itself or nest it under a ``model:`` key (recipes do).
+    """
+    cfg = preset(preset_name) if preset_name else ModelConfig()
+    if config_file is not None:
+        data = read_mapping(config_file)
+        data = data.get("model", data) if "model" in data else data
+        merged = _deep_merge(to_dict(cfg), data)
+        cfg = from_dict(ModelConfig, merged)
+    return apply_overrides(cfg, list(overrides))
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def save_model_config(cfg: ModelConfig, path: str | Path) -> None:
+    from .fileio import atomic_write_text
+
+    fmt = "yaml" if Path(path).suffix in (".yaml", ".yml") else "json"
+    atomic_write_text(path, dump_text(cfg, fmt))
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` re-exported so callers need not import dataclasses."""
+    return dataclasses.replace(cfg, **changes)

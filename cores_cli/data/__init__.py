@@ -1,0 +1,1 @@
+"""Datasets: readers parse files into plain records; one transform turns records into tensors."""
