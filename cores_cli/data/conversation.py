@@ -1,0 +1,184 @@
+"""Conversation building and encoding (DESIGN §4): the LLaVA v1 template, in-context
+exemplars, answers carrying the chain tokens, labels on answer tokens only, and truncation
+that never removes a chain token.
+
+The text is ``{system} USER: {q} ASSISTANT: {a}</s>USER: ...``: exemplars come first as earlier
+rounds without image (paper Fig. 3), then the real rounds, the first of which carries
+``<image>\\n``. Labels are -100 everywhere except the real rounds' answers and their ``</s>``.
+The single ``<image>`` placeholder is expanded to the vision tower's token count, as the HF
+processor does, so chain tokens are found by id and no offset arithmetic is ever needed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from ..config import ChainConfig, PromptConfig
+from ..contexts import Exemplar
+from ..errors import CoresError
+from .records import QueryStyle
+
+IGNORE_INDEX = -100
+SHORT_QUESTION = "What is {query} in this image? Please output segmentation mask."
+LONG_QUESTION = "{query} Please output segmentation mask."
+
+# Answer phrasings per chain. Index 0 is the fixed phrasing of eval and predict; training
+# samples among all (DESIGN §1.2). The depth-2/3 wording follows the exemplars' rendering.
+ANSWER_TEMPLATES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("[SEG]",): (
+        "Sure, it is [SEG].",
+        "Sure, [SEG].",
+        "It is [SEG].",
+        "Sure, the segmentation result is [SEG].",
+    ),
+    ("[LOC]", "[SEG]"): (
+        "Sure, it appears on [LOC]. It is [SEG].",
+        "It appears on [LOC]. It is [SEG].",
+        "Sure, it is usually found on [LOC]. It is [SEG].",
+        "Sure, it typically appears on [LOC]. It is [SEG].",
+    ),
+    ("[LOC]", "[POS]", "[SEG]"): (
+        "Sure, it appears on [LOC]. It is located [POS]. It is [SEG].",
+        "It appears on [LOC]. It is located [POS]. It is [SEG].",
+        "Sure, it is usually found on [LOC]. It lies [POS]. It is [SEG].",
+        "Sure, it typically appears on [LOC]. It is located [POS]. It is [SEG].",
+    ),
+}
+
+
+def answer_template(chain: ChainConfig, index: int) -> str:
+    templates = ANSWER_TEMPLATES[chain.tokens]
+    return templates[index % len(templates)]
+
+
+def format_question(query: str, style: QueryStyle) -> str:
+    query = " ".join(query.split())
+    if style == "phrase":
+        return SHORT_QUESTION.format(query=query)
+    if query.lower().endswith("segmentation mask."):
+        return query
+    return LONG_QUESTION.format(query=query)
+
+
+def system_text(prompt: PromptConfig) -> str:
+    return f"{prompt.system} {prompt.cores_suffix}".strip()
+
+
+@dataclass
+class Round:
+    question: str
+    answer: str | None
+    """None = the prompt stops after ``ASSISTANT:`` (generation)."""
+    supervised: bool = True
+
+
+def render(system: str, exemplars: list[tuple[str, str]], rounds: list[Round], image_token: str) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation text and the character spans of the supervised answers (+ ``</s>``)."""
+    text = system + " "
+    spans: list[tuple[int, int]] = []
+    for q, a in exemplars:
+        text += f"USER: {q} ASSISTANT: {a}</s>"
+    for i, r in enumerate(rounds):
+        q = f"{image_token}\n{r.question}" if i == 0 else r.question
+        text += f"USER: {q} ASSISTANT:"
+        if r.answer is None:
+            break
+        start = len(text) + 1
+        text += f" {r.answer}</s>"
+        if r.supervised:
+            spans.append((start, len(text)))
+    return text, spans
+
+
+@dataclass
+class Encoded:
+    """Token ids with the image placeholder expanded, and their labels."""
+
+    input_ids: list[int]
+    labels: list[int]
+    exemplars_used: int
+    query_truncated: bool
+    text: str = field(repr=False)
+
+
+@dataclass
+class ConversationEncoder:
+    """Turns (queries, answers, exemplars) into model-ready ids under the token budget."""
+
+    tokenizer: PreTrainedTokenizerBase
+    prompt: PromptConfig
+    chain: ChainConfig
+    image_token: str
+    num_image_tokens: int
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def encode(
+        self,
+        questions: list[str],
+        answers: list[str] | None,
+        exemplars: list[Exemplar],
+        sample_id: str = "",
+    ) -> Encoded:
+        """``answers`` None: a generation prompt for the first question (ends at ``ASSISTANT:``).
+
+        Over budget: drop exemplars one by one, then shorten the longest question word by word;
+        if the answers alone do not fit, raise a clear error (never a silent skip).
+        """
+        ex = [(e.question, e.render(self.chain.depth if self.chain.reasoning else 1)) for e in exemplars]
+        qs = list(questions)
+        budget = self.prompt.max_text_tokens
+        attempt = self._encode(qs, answers, ex)
+        while len(attempt.input_ids) - self.num_image_tokens + 1 > budget and ex:
+            ex = ex[:-1]
+            attempt = self._encode(qs, answers, ex)
+        truncated = False
+        while len(attempt.input_ids) - self.num_image_tokens + 1 > budget:
+            longest = max(range(len(qs)), key=lambda i: len(qs[i].split()))
+            words = qs[longest].split()
+            if len(words) <= 1:
+                raise CoresError(
+                    f"sample {sample_id or '?'}: the answers alone need more than "
+                    f"prompt.max_text_tokens={budget} tokens; raise the budget"
+                )
+            qs[longest] = " ".join(words[: max(1, int(len(words) * 0.8))])
+            truncated = True
+            attempt = self._encode(qs, answers, ex)
+        attempt.query_truncated = truncated
+        return attempt
+
+    def _encode(self, questions: list[str], answers: list[str] | None, exemplars: list[tuple[str, str]]) -> Encoded:
+        if answers is None:
+            rounds = [Round(questions[0], None)]
+        else:
+            if len(answers) != len(questions):
+                raise ValueError("one answer per question is needed")
+            rounds = [Round(q, a) for q, a in zip(questions, answers)]
+        text, spans = render(system_text(self.prompt), exemplars, rounds, self.image_token)
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        ids: list[int] = enc["input_ids"]
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, (s, e) in enumerate(enc["offset_mapping"]):
+            if any(s < se and e > ss for ss, se in spans):
+                labels[i] = ids[i]
+        image_id = self.image_token_id
+        if ids.count(image_id) != 1:
+            raise CoresError(f"the question must not contain the image token {self.image_token!r}")
+        at = ids.index(image_id)
+        n = self.num_image_tokens
+        ids = ids[:at] + [image_id] * n + ids[at + 1 :]
+        labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
+        return Encoded(ids, labels, len(exemplars), False, text)
+
+
+def pick_answers(chain: ChainConfig, n_rounds: int, rng: random.Random | None, fixed_index: int) -> list[str]:
+    """Training draws a phrasing per round; eval and predict use the fixed one."""
+    templates = ANSWER_TEMPLATES[chain.tokens]
+    if rng is None:
+        return [templates[fixed_index % len(templates)]] * n_rounds
+    return [rng.choice(templates) for _ in range(n_rounds)]

@@ -1,0 +1,111 @@
+"""Reading images the way people see them: EXIF orientation applied, any mode made RGB.
+
+Masks line up with the upright image (what a viewer shows, and what ``cv2.imread`` gives LISA).
+Grayscale, palette, RGBA, 16-bit and CMYK images are converted to 8-bit RGB; the conversion
+is reported so a caller can tell the user. Size is checked from the header, before decoding,
+so a huge image fails fast with a clear message instead of exhausting memory.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputImageError
+
+DEFAULT_MAX_PIXELS = 150_000_000
+_pil_limit_lock = threading.Lock()
+
+
+@dataclass
+class LoadedImage:
+    """``pixels``: uint8 (H, W, 3), upright. ``converted_from``: the source mode when it was
+    not 8-bit RGB (e.g. ``"I;16"``, ``"RGBA"``), else None."""
+
+    path: str
+    pixels: np.ndarray
+    converted_from: str | None
+    exif_rotated: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.pixels.shape[0], self.pixels.shape[1]
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    p = Path(path)
+    if not p.exists():
+        raise InputImageError(f"image not found: {p}")
+    if not p.is_file():
+        raise InputImageError(f"not a file: {p}")
+    with _pil_limit_lock:
+        # Our own limit replaces PIL's decompression-bomb check (which warns at 89 MP and
+        # fails at 179 MP, whatever the user asked for).
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return _read(p, max_pixels)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def _read(p: Path, max_pixels: int) -> LoadedImage:
+    try:
+        with Image.open(p) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InputImageError(
+                    f"image {p} is {w}×{h} ({w * h / 1e6:.1f} MP), above the limit of "
+                    f"{max_pixels / 1e6:.0f} MP (raise it with --max-pixels)"
+                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img.load()
+                upright = ImageOps.exif_transpose(img)
+            rotated = upright.size != img.size or _orientation(img) not in (None, 1)
+            pixels, converted = to_rgb8(upright)
+    except InputImageError:
+        raise
+    except UnidentifiedImageError:
+        raise InputImageError(f"cannot read image {p}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputImageError(f"cannot read image {p}: {str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated file'}") from None
+    return LoadedImage(str(p), pixels, converted, rotated)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(0x0112)
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def to_rgb8(img: Image.Image) -> tuple[np.ndarray, str | None]:
+    """8-bit RGB pixels (H, W, 3) from any PIL mode, and the source mode if it was not RGB.
+
+    16-bit data is scaled by 255/65535 (the full range, not stretched to the image's own
+    min/max, so brightness is preserved). Alpha is dropped as ``cv2.imread`` drops it, which is
+    what LISA-trained models saw.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8).copy(), None
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        scale = 255.0 / 65535.0 if a.max(initial=0) > 255 or mode.startswith("I;16") else 1.0
+        a = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2), mode
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        hi = 1.0 if a.max(initial=0) <= 1.0 else 255.0
+        a = np.clip(np.rint(a / hi * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2), mode
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy(), mode

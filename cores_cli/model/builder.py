@@ -1,0 +1,51 @@
+"""Assemble a CoresModel from a ModelConfig: SAM, LLaVA + tokenizer + chain tokens, LoRA."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import CHAIN_TOKENS, ModelConfig
+from .cores import CoresModel
+from .mllm import IMAGE_TOKEN, add_chain_tokens, apply_lora, build_llava, fit_vocabulary, load_llava, load_tokenizer
+from .sam import build_sam, load_sam_checkpoint
+from .token_rows import ChainTokenRows
+
+
+def build_model(cfg: ModelConfig, load_base_weights: bool = True, tokenizer=None) -> CoresModel:
+    """Build the model the config describes, on the current default device, in fp32.
+
+    ``load_base_weights`` False skips the SAM ``.pth`` and LLaVA directory weights (the
+    architecture is still taken from the directory's config when ``mllm.path`` is set); used
+    when building on ``meta`` or before loading a checkpoint that carries them.
+    ``tokenizer`` lets a checkpoint supply its saved tokenizer.
+    """
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.mllm)
+    base_vocab = len(tok)
+    chain_ids = add_chain_tokens(tok)
+
+    sam = build_sam(cfg.sam)
+    if load_base_weights and cfg.sam.checkpoint:
+        load_sam_checkpoint(sam, cfg.sam.checkpoint)
+
+    if cfg.mllm.path and load_base_weights:
+        llava = load_llava(cfg.mllm.path)
+    else:
+        if cfg.mllm.path:
+            from transformers import AutoConfig, LlavaForConditionalGeneration
+
+            llava = LlavaForConditionalGeneration(AutoConfig.from_pretrained(cfg.mllm.path, local_files_only=True))
+        else:
+            image_id = cfg.mllm.image_token_index
+            if image_id is None:
+                image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+            llava = build_llava(cfg.mllm, base_vocab, image_id, tok.pad_token_id)
+    fit_vocabulary(llava, len(tok))
+    rows = ChainTokenRows.from_model([chain_ids[t] for t in CHAIN_TOKENS], llava.get_input_embeddings(), llava.get_output_embeddings())
+    mllm = apply_lora(llava, cfg.lora) if cfg.lora.enabled else llava
+    return CoresModel(cfg, sam, mllm, tok, rows)
+
+
+def build_on_meta(cfg: ModelConfig) -> CoresModel:
+    """The architecture without memory: for parameter counts and key names of real sizes."""
+    with torch.device("meta"):
+        return build_model(cfg, load_base_weights=False)

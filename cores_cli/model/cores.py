@@ -1,0 +1,250 @@
+"""CoresModel: LLaVA's chain of reasoning driving SAM's chain of segmenting.
+
+``forward`` is teacher-forced (the answer with its chain tokens is in the input, one pass, as in
+LISA's training and ``validate()``); ``generate_answers`` lets the LLM write its answers. The
+model takes device and dtype from its own parameters; callers move it once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from segment_anything.modeling import Sam
+from torch import nn
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
+
+from ..config import CHAIN_TOKENS, ModelConfig
+from ..data.transform import Batch
+from ..errors import CoresError
+from .chain import ChainProjector, TokenRefiner, segment_chain
+from .losses import answer_cross_entropy, dice_loss, sigmoid_bce
+from .token_rows import ChainTokenRows
+
+TRAINABLE_GROUPS = ("lora", "chain_token_rows", "projector", "refiner", "sam_mask_decoder")
+
+
+@dataclass
+class CoresOutput:
+    """What a forward pass gives. N targets, T levels, m×m SAM low-res masks, S SAM input side."""
+
+    level_logits: list[torch.Tensor]
+    """T tensors (N, 1, m, m): the chain's masks, outermost first; the last is the final mask."""
+    chain_embeddings: torch.Tensor
+    """(N, T_tokens, C): β of the hidden states at the chain tokens."""
+    loss: torch.Tensor | None = None
+    loss_ce: torch.Tensor | None = None
+    loss_bce: torch.Tensor | None = None
+    loss_dice: torch.Tensor | None = None
+    loss_intermediate: torch.Tensor | None = None
+
+    @property
+    def final_logits(self) -> torch.Tensor:
+        """(N, 1, m, m)."""
+        return self.level_logits[-1]
+
+    def loss_parts(self) -> dict[str, float]:
+        parts = {"loss": self.loss, "ce": self.loss_ce, "bce": self.loss_bce, "dice": self.loss_dice, "intermediate": self.loss_intermediate}
+        return {k: float(v.detach()) for k, v in parts.items() if v is not None}
+
+
+class CoresModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        sam: Sam,
+        mllm: LlavaForConditionalGeneration | PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        token_rows: ChainTokenRows,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sam = sam
+        self.mllm = mllm
+        self.tokenizer = tokenizer
+        hidden = self.llava.config.text_config.hidden_size
+        dim = cfg.sam.prompt_embed_dim
+        self.projector = ChainProjector(hidden, dim)
+        self.refiner = TokenRefiner(dim, cfg.chain.refiner_heads, cfg.chain.refiner_init_scale)
+        self.token_rows = token_rows
+        token_rows.attach(self.llava.get_input_embeddings(), self.llava.get_output_embeddings())
+        self.chain_token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHAIN_TOKENS}
+        self.configure_trainable()
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def llava(self) -> LlavaForConditionalGeneration:
+        return self.mllm.get_base_model() if isinstance(self.mllm, PeftModel) else self.mllm
+
+    @property
+    def num_image_tokens(self) -> int:
+        vc = self.llava.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n + 1 if self.llava.config.vision_feature_select_strategy == "full" else n
+
+    @property
+    def clip_size(self) -> int:
+        return int(self.llava.config.vision_config.image_size)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.llava.config.image_token_index)
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every parameter in exactly one named group (trainable or not)."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        for name, p in self.named_parameters():
+            groups.setdefault(_group_of(name), []).append((name, p))
+        return groups
+
+    def configure_trainable(self) -> None:
+        """The paper's trainable set (LoRA, chain token rows, β, refiner, SAM mask decoder) plus
+        ``cfg.train_extra``; everything else frozen."""
+        extra = set(self.cfg.train_extra)
+        for group, params in self.parameter_groups().items():
+            trainable = group in TRAINABLE_GROUPS or group in extra
+            for _, p in params:
+                p.requires_grad_(trainable)
+
+    # ------------------------------------------------------------------ passes
+
+    def encode_images(self, sam_images: torch.Tensor) -> torch.Tensor:
+        """SAM image encoder, once per image: (B, 3, S, S) → (B, C, h, w)."""
+        encoder = self.sam.image_encoder
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(needs_grad):
+            return encoder(sam_images)
+
+    def language_hidden(self, batch: Batch) -> torch.Tensor:
+        """Last-layer hidden states (B, L, D)."""
+        out = self.llava.model(
+            input_ids=batch.input_ids,
+            pixel_values=batch.clip_images,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def chain_positions(self, input_ids: torch.Tensor, expected_counts: list[int]) -> list[list[list[int]]]:
+        """Positions of each chain's tokens, per sample: ``[sample][chain] -> [pos, ...]``.
+
+        A chain is the run of chain tokens ending at ``[SEG]``; each must spell exactly
+        ``cfg.chain.tokens``. The number of chains must equal the number of targets, so a
+        train/eval mismatch in masks per sample is an error, never a silent misalignment.
+        """
+        expected = [self.chain_token_ids[t] for t in self.cfg.chain.tokens]
+        id_set = torch.tensor(list(self.chain_token_ids.values()), device=input_ids.device)
+        seg = self.chain_token_ids["[SEG]"]
+        result = []
+        for b in range(input_ids.shape[0]):
+            row = input_ids[b]
+            positions = torch.isin(row, id_set).nonzero(as_tuple=True)[0].tolist()
+            chains, current = [], []
+            for pos in positions:
+                current.append(pos)
+                if int(row[pos]) == seg:
+                    chains.append(current)
+                    current = []
+            for c in chains:
+                got = [int(row[p]) for p in c]
+                if got != expected:
+                    names = self.tokenizer.convert_ids_to_tokens(got)
+                    raise CoresError(f"sample {b}: chain {' '.join(names)} does not match the configured chain {' '.join(self.cfg.chain.tokens)}")
+            if current or len(chains) != expected_counts[b]:
+                raise CoresError(f"sample {b}: {len(chains)} complete chains in the text but {expected_counts[b]} targets")
+            result.append(chains)
+        return result
+
+    def chain_embeddings(self, hidden: torch.Tensor, positions: list[list[list[int]]]) -> torch.Tensor:
+        """Gather hidden states at the chain tokens and project: → (N, T_tokens, C)."""
+        rows = [hidden[b, torch.tensor(chain, device=hidden.device)] for b, chains in enumerate(positions) for chain in chains]
+        return self.projector(torch.stack(rows))
+
+    def forward(self, batch: Batch, compute_loss: bool = True) -> CoresOutput:
+        counts = torch.bincount(batch.target_image_index, minlength=batch.input_ids.shape[0]).tolist()
+        positions = self.chain_positions(batch.input_ids, counts)
+        image_embeddings = self.encode_images(batch.sam_images)
+        hidden = self.language_hidden(batch)
+        chain = self.chain_embeddings(hidden, positions)
+        refiner = self.refiner if self.cfg.chain.refiner else None
+        levels = segment_chain(self.sam, refiner, self.cfg.chain, image_embeddings, batch.target_image_index, chain)
+        out = CoresOutput(level_logits=levels, chain_embeddings=chain)
+        if compute_loss and batch.targets is not None:
+            self._add_losses(out, hidden, batch)
+        return out
+
+    def _add_losses(self, out: CoresOutput, hidden: torch.Tensor, batch: Batch) -> None:
+        w = self.cfg.loss
+        # Text CE on answer tokens only: position i predicts token i + 1.
+        shifted = batch.labels[:, 1:]
+        where = shifted != -100
+        logits = self.llava.lm_head(hidden[:, :-1][where])
+        out.loss_ce = answer_cross_entropy(logits, shifted[where])
+        size = batch.targets.shape[-1]
+        valid = (batch.targets != 255).float()
+        target = (batch.targets == 1).float()
+
+        def mask_terms(level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            up = F.interpolate(level.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            return sigmoid_bce(up, target, valid), dice_loss(up, target, valid)
+
+        out.loss_bce, out.loss_dice = mask_terms(out.final_logits)
+        total = w.ce * out.loss_ce + w.bce * out.loss_bce + w.dice * out.loss_dice
+        if w.intermediate > 0 and len(out.level_logits) > 1:
+            inter = [mask_terms(level) for level in out.level_logits[:-1]]
+            out.loss_intermediate = torch.stack([w.bce * b + w.dice * d for b, d in inter]).mean()
+            total = total + w.intermediate * out.loss_intermediate
+        out.loss = total
+
+    # ------------------------------------------------------------------ inference helpers
+
+    @torch.no_grad()
+    def generate_answers(self, batch: Batch, max_new_tokens: int = 64) -> list[list[int]]:
+        """Greedy answers for a left-padded prompt batch; returns the new token ids per row."""
+        out = self.mllm.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.clip_images,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new = out[:, batch.input_ids.shape[1] :]
+        eos = self.tokenizer.eos_token_id
+        rows = []
+        for r in new.tolist():
+            rows.append(r[: r.index(eos) + 1] if eos in r else r)
+        return rows
+
+
+def _group_of(name: str) -> str:
+    if "lora_" in name:
+        return "lora"
+    if name.startswith("token_rows."):
+        return "chain_token_rows"
+    if name.startswith("projector."):
+        return "projector"
+    if name.startswith("refiner."):
+        return "refiner"
+    if name.startswith("sam.mask_decoder."):
+        return "sam_mask_decoder"
+    if name.startswith("sam.image_encoder."):
+        return "sam_image_encoder"
+    if name.startswith("sam.prompt_encoder."):
+        return "sam_prompt_encoder"
+    if ".vision_tower." in name:
+        return "vision_tower"
+    if ".multi_modal_projector." in name:
+        return "mm_projector"
+    return "llm"
+
+
+def postprocess_masks(low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """SAM's post-processing: (K, 1, m, m) logits → (K, H, W) logits at the original size."""
+    x = F.interpolate(low_res.float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    return F.interpolate(x, size=original_size, mode="bilinear", align_corners=False)[:, 0]

@@ -1,0 +1,185 @@
+"""The multimodal LLM: LLaVA through transformers, its tokenizer, the chain tokens, LoRA.
+
+Two ways in, one model class (``LlavaForConditionalGeneration``):
+
+- from an HF-format LLaVA directory (llava-1.5-7b/13b), loaded offline;
+- built from :class:`~cores_cli.config.MllmConfig` with random weights (the tiny preset, or the
+  real sizes under ``torch.device("meta")``), with a byte-level BPE tokenizer trained locally on
+  a fixed corpus shipped in the package, so nothing is downloaded.
+
+The chain tokens ``[LOC] [POS] [SEG]`` are added as *special* tokens, so they are never split
+into pieces of text (Llama-2 turns the plain text ``"[SEG]"`` into two ids).
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from ..config import CHAIN_TOKENS, LoraSettings, MllmConfig
+from ..errors import CheckpointError
+
+IMAGE_TOKEN = "<image>"
+TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
+TINY_VOCAB_SIZE = 2048
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the shipped corpus: deterministic, offline, ~10 ms.
+
+    It has no chain tokens yet; :func:`add_chain_tokens` adds them exactly as for a real one.
+    """
+    corpus = (resources.files("cores_cli") / "assets" / "tiny_tokenizer_corpus.txt").read_text("utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=4096,
+    )
+
+
+def load_tokenizer(cfg: MllmConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer named by the config: a directory, the LLaVA directory, or the tiny one."""
+    source = cfg.tokenizer or cfg.path
+    if source is None:
+        return build_tiny_tokenizer()
+    if not Path(source).is_dir():
+        raise CheckpointError(f"tokenizer directory not found: {source}")
+    try:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=True, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+    if not tok.is_fast:
+        raise CheckpointError(f"{source}: a fast tokenizer (tokenizer.json) is needed for exact answer masking")
+    return tok
+
+
+def add_chain_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Add ``[LOC] [POS] [SEG]`` (all three, whatever the depth, so vocabularies agree across
+    depths) as special tokens; idempotent. Returns their ids."""
+    missing = [t for t in CHAIN_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHAIN_TOKENS}
+    for t, i in ids.items():
+        if tokenizer.encode(t, add_special_tokens=False) != [i]:
+            raise CheckpointError(f"the tokenizer splits {t} into several ids; it must be one special token")
+    if pad_missing(tokenizer):
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return ids
+
+
+def pad_missing(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return tokenizer.pad_token is None
+
+
+def llava_config(cfg: MllmConfig, vocab_size: int, image_token_index: int, pad_token_id: int | None) -> LlavaConfig:
+    t, v = cfg.text, cfg.vision
+    text = LlamaConfig(
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=t.max_position_embeddings,
+        rms_norm_eps=t.rms_norm_eps,
+        tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        projection_dim=v.projection_dim,
+        hidden_act=v.hidden_act,
+    )
+    return LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=image_token_index,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        projector_hidden_act="gelu",
+        image_seq_length=cfg.num_image_tokens,
+        tie_word_embeddings=False,
+    )
+
+
+def build_llava(cfg: MllmConfig, base_vocab_size: int, image_token_index: int, pad_token_id: int | None = None) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA of the configured size on the current default device."""
+    vocab = cfg.text.vocab_size or base_vocab_size
+    model = LlavaForConditionalGeneration(llava_config(cfg, vocab, image_token_index, pad_token_id))
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def load_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+    """An HF-format LLaVA directory, offline. transformers maps older key layouts
+    (``language_model.model.layers...``) onto its current one."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"not an HF LLaVA directory (no config.json): {p}")
+    try:
+        return LlavaForConditionalGeneration.from_pretrained(p, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load LLaVA from {p}: {str(exc).splitlines()[0]}") from None
+
+
+def fit_vocabulary(model: LlavaForConditionalGeneration, vocab_size: int) -> None:
+    """Grow the embeddings when the tokenizer outgrew them (never shrink: llava-1.5 pads its
+    vocabulary to 32064, past the tokenizer's 32002 + chain tokens)."""
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+
+
+def lora_target_regex(settings: LoraSettings) -> str:
+    """Adapt only the language model: CLIP's attention also has q_proj/v_proj."""
+    names = "|".join(settings.target_modules)
+    return rf".*language_model.*\.({names})$"
+
+
+def apply_lora(model: LlavaForConditionalGeneration, settings: LoraSettings) -> PeftModel:
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=lora_target_regex(settings),
+        bias="none",
+    )
+    with warnings.catch_warnings():
+        # peft calls a transformers method that transformers 5 marks as deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)

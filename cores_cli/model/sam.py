@@ -1,0 +1,124 @@
+"""SAM from the segment-anything package: builders for any size, and ``.pth`` loading.
+
+The parts are segment-anything's own classes (``ImageEncoderViT``, ``PromptEncoder``,
+``MaskDecoder`` with a ``TwoWayTransformer``); :func:`build_sam` only chooses their sizes from
+a :class:`~cores_cli.config.SamConfig`, so ``vit_h``/``vit_l``/``vit_b`` match the official
+registry exactly and the ``tiny`` preset is the same architecture, scaled down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+
+from ..config import SamConfig
+from ..errors import CheckpointError
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def build_sam(cfg: SamConfig) -> Sam:
+    """A randomly initialised SAM of the configured size, on the current default device.
+
+    Build under ``with torch.device("meta"):`` to get the architecture without memory.
+    """
+    grid = cfg.image_size // cfg.patch_size
+    image_encoder = ImageEncoderViT(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.encoder_embed_dim,
+        depth=cfg.encoder_depth,
+        num_heads=cfg.encoder_num_heads,
+        mlp_ratio=4,
+        out_chans=cfg.prompt_embed_dim,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        rel_pos_zero_init=True,
+        window_size=cfg.window_size,
+        global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=cfg.prompt_embed_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(cfg.image_size, cfg.image_size),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=cfg.decoder_depth,
+            embedding_dim=cfg.prompt_embed_dim,
+            mlp_dim=cfg.decoder_mlp_dim,
+            num_heads=cfg.decoder_num_heads,
+        ),
+        transformer_dim=cfg.prompt_embed_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+    )
+    return Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
+    )
+
+
+@dataclass
+class LoadReport:
+    """What a state-dict load matched; ``missing``/``unexpected`` are parameter names."""
+
+    source: str
+    loaded: int
+    missing: list[str]
+    unexpected: list[str]
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: loaded {self.loaded} tensors"]
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (e.g. {self.missing[0]})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected (e.g. {self.unexpected[0]})")
+        return ", ".join(parts)
+
+
+def load_state_dict_reported(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """Load what matches and report the rest, instead of a silent ``strict=False``.
+
+    Shape mismatches are errors: a checkpoint for another model size must not half-load.
+    """
+    own = module.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(own[key].shape)} (is the checkpoint for another model size?)"
+            )
+    result = module.load_state_dict(state, strict=False)
+    missing = sorted(result.missing_keys)
+    unexpected = sorted(result.unexpected_keys)
+    return LoadReport(source, len(state) - len(unexpected), missing, unexpected)
+
+
+def load_sam_checkpoint(sam: Sam, path: str | Path) -> LoadReport:
+    """Load an official ``sam_vit_*.pth`` (a plain state dict) without unpickling code."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"SAM checkpoint not found: {p}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"SAM checkpoint {p} could not be read safely: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"SAM checkpoint {p} is not a state dict of tensors")
+    report = load_state_dict_reported(sam, state, str(p))
+    if report.missing:
+        raise CheckpointError(f"SAM checkpoint {p} does not fit this SAM size: {report.summary()}")
+    return report
