@@ -16,6 +16,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; outputs should get the usual permissions the umask allows.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """Open a temporary file for binary writing; it replaces ``path`` only on success."""
@@ -23,6 +33,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
+        os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -47,11 +58,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def save_image_atomic(image, path: str | Path, format: str | None = None) -> None:
+def save_image_atomic(image, path: str | Path, format: str | None = None, **params: Any) -> None:
     """Save a PIL image atomically; the format follows the suffix unless given."""
     fmt = format or Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
     with atomic_open(path) as fh:
-        image.save(fh, format=fmt)
+        image.save(fh, format=fmt, **params)
 
 
 @contextlib.contextmanager
@@ -65,6 +76,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_current_umask())
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -1,14 +1,125 @@
-"""`cores predict` (placeholder until the model lands in this issue)."""
+"""`cores predict`: segment what a question refers to, for one image or thousands."""
 
 from __future__ import annotations
 
-import typer
+import json
+import sys
+from enum import Enum
+from pathlib import Path
 
-from .common import clean_errors
-from .not_yet import not_yet
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ..errors import CoresError
+from ..images import DEFAULT_MAX_PIXELS
+from ..runtime import resolve_device, resolve_dtype
+from .common import clean_errors, err_console, fail, stdout_line, warn
+
+
+class ModeChoice(str, Enum):
+    teacher = "teacher"
+    generate = "generate"
+
+
+class StyleChoice(str, Enum):
+    auto = "auto"
+    sentence = "sentence"
+    phrase = "phrase"
+
+
+EXAMPLE_QUERY = "What part of the vehicle lets it roll along the road?"
+
+
+def example_image() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("cores_cli") / "assets" / "example.png"))
 
 
 @clean_errors
-def predict(image: str = typer.Argument(None), query: str = typer.Argument(None)) -> None:
-    """Segment what QUERY refers to in IMAGE."""
-    not_yet("predict", 2)
+def predict(
+    image: str = typer.Argument(None, help="An image, a folder of images, a quoted glob like 'photos/*.jpg', or - to read JSONL lines {\"image\": ..., \"query\": ..., \"id\": ...} from stdin."),
+    query: str = typer.Argument(None, help="The question or description, e.g. \"what gives dogs their sense of smell?\". With stdin JSONL it is the default for lines without a query."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory (see `cores train`)."),
+    preset: str = typer.Option(None, "--preset", help="Build a preset with RANDOM weights instead (tiny, llava-1.5-7b, llava-1.5-13b): for smoke runs only."),
+    set_: list[str] = typer.Option([], "--set", help="Override a model setting, e.g. --set prompt.in_context_k=0 (repeatable)."),
+    out: Path = typer.Option(Path("cores_out"), "--out", "-o", help="Folder for NAME.mask.png, NAME.overlay.png and NAME.json."),
+    json_out: bool = typer.Option(False, "--json", help="Print each record as one JSON line on stdout (failed items as {\"image\", \"error\"})."),
+    mode: ModeChoice = typer.Option(ModeChoice.teacher, "--mode", help="teacher: the fixed answer template, one pass (LISA's protocol). generate: the model writes its answer; falls back to the template when it emits no chain."),
+    style: StyleChoice = typer.Option(StyleChoice.auto, "--query-style", help="phrase: wrapped as 'What is X in this image?'; sentence: used as written; auto: by its form."),
+    context_library: Path = typer.Option(None, "--context-library", help="In-context exemplar library (JSONL); default: the model's, else the shipped one."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this many pixels (checked before decoding)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the in-context exemplar draw (and a preset's random weights)."),
+    example: bool = typer.Option(False, "--example", help="Run on the bundled example image and its query."),
+) -> None:
+    """Segment what QUERY refers to in IMAGE; write the mask, an overlay and a JSON record.
+
+    \b
+    Examples:
+      cores predict dog.jpg "what gives dogs their sense of smell?" -c runs/cores-7b
+      cores predict photos/ "the food with the most vitamin C" -c runs/cores-7b --json > out.jsonl
+      cat jobs.jsonl | cores predict - -c runs/cores-7b --json
+
+    Exit status: 0 when every item succeeded, 1 when any failed (the others are still written),
+    2 for a usage mistake.
+    """
+    from ..engine.batch_predict import OutputNamer, jobs_from_argument, jobs_from_jsonl, run_job
+    from ..engine.loading import exemplar_sampler, load_for_inference
+    from ..engine.predictor import Predictor
+
+    if example:
+        if image is not None:
+            raise fail("--example runs the bundled image; do not give IMAGE as well", code=2)
+        image, query = str(example_image()), query or EXAMPLE_QUERY
+    if image is None:
+        raise fail("give an IMAGE (file, folder, glob or - for JSONL on stdin) and a QUERY; see cores predict --help", code=2)
+    if image == "-":
+        jobs = jobs_from_jsonl(sys.stdin, query)
+        total = None
+    else:
+        if query is None:
+            raise fail("missing QUERY: what should be segmented?", code=2)
+        if not query.strip():
+            raise CoresError("the query is empty")
+        jobs = jobs_from_argument(image, query)
+        total = len(jobs)
+
+    dev = resolve_device(device)
+    loaded = load_for_inference(checkpoint, preset, list(set_), dev, resolve_dtype(dtype, dev), seed)
+    if loaded.random_weights:
+        warn(f"{loaded.source}: masks are meaningless; use --checkpoint for real predictions")
+    if loaded.report is not None and loaded.report.unexpected:
+        warn(f"checkpoint has tensors the model does not use: {loaded.report.summary()}")
+    predictor = Predictor(loaded.model, exemplar_sampler(loaded.model, context_library, seed), seed=seed)
+    model_info = {"source": loaded.source, "preset": loaded.model.cfg.preset, "chain_depth": loaded.model.cfg.chain.depth}
+
+    namer = OutputNamer()
+    done, failed = [], []
+    show_bar = total is None or total > 1
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, disable=not show_bar, transient=False) as bar:
+        task = bar.add_task("predicting", total=total)
+        for job in jobs:
+            try:
+                record = run_job(predictor, job, out, namer(job), mode.value, style.value, max_pixels, model_info)
+            except CoresError as exc:
+                failed.append(job)
+                err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+                if json_out:
+                    stdout_line(json.dumps({"image": job.image, "id": job.id, "error": str(exc)}))
+            else:
+                done.append(record)
+                if json_out:
+                    stdout_line(json.dumps(record, ensure_ascii=False))
+            bar.advance(task)
+
+    if not json_out:
+        for r in done:
+            o = r["outputs"]
+            stdout_line(f"{r['image']}: mask {o['mask']}  overlay {o['overlay']}  record {o['json']}  (area {r['mask_fraction']:.1%})")
+    n = len(done) + len(failed)
+    if n == 0:
+        raise fail("no input items (stdin was empty)")
+    if failed:
+        raise fail(f"{len(failed)} of {n} item{'s' if n > 1 else ''} failed; {len(done)} written to {out}")

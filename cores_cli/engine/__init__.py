@@ -1,0 +1,1 @@
+"""Engines: checkpoint I/O, prediction, (later) training and evaluation loops."""

@@ -1,0 +1,197 @@
+"""Checkpoint directories (DESIGN §3), written atomically and read without unpickling.
+
+Layout::
+
+    config.json            {"format": "cores-checkpoint", "format_version": 1, "model": ModelConfig, ...}
+    tokenizer/             the tokenizer, with the chain tokens (tokenizer.json: no pickle)
+    adapter/               LoRA in peft's format (adapter_config.json + adapter_model.safetensors)
+    weights.safetensors    every other weight that is not in the base files the config names:
+                           β, refiner, SAM mask decoder, chain token rows, parts listed in
+                           ``train_extra``, and the whole SAM / LLaVA when the config names no
+                           base file for them (the tiny preset)
+
+LLaVA tensors are stored under ``llava.`` + their plain transformers names (no peft wrapping),
+so the same names serve the export to a standalone HF directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from .. import __version__
+from ..config import ModelConfig
+from ..configio import from_dict, to_dict
+from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_directory
+from ..model.builder import build_model
+from ..model.cores import TRAINABLE_GROUPS, CoresModel, _group_of
+from ..model.mllm import lora_target_regex
+
+FORMAT = "cores-checkpoint"
+FORMAT_VERSION = 1
+_PEFT_PREFIX = "mllm.base_model.model."
+
+
+@dataclass
+class CheckpointReport:
+    """What loading matched. ``missing`` are expected tensors the files lack (an error unless
+    asked otherwise); ``unexpected`` are tensors the model has no place for (reported)."""
+
+    path: str
+    tensors: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = f"{self.path}: {self.tensors} tensors"
+        if self.missing:
+            s += f", {len(self.missing)} missing (e.g. {self.missing[0]})"
+        if self.unexpected:
+            s += f", {len(self.unexpected)} unexpected (e.g. {self.unexpected[0]})"
+        return s
+
+
+def canonical_name(key: str) -> str:
+    """Model state-dict key → checkpoint key (LLaVA keys unwrapped from peft)."""
+    if key.startswith(_PEFT_PREFIX):
+        return "llava." + key[len(_PEFT_PREFIX) :].replace(".base_layer.", ".")
+    if key.startswith("mllm."):
+        return "llava." + key[len("mllm.") :]
+    return key
+
+
+def _stored_keys(model: CoresModel) -> dict[str, str]:
+    """Checkpoint key → model key, for every tensor ``weights.safetensors`` must hold."""
+    cfg = model.cfg
+    trainable = set(TRAINABLE_GROUPS) | set(cfg.train_extra)
+    out = {}
+    for key in model.state_dict():
+        if "lora_" in key:
+            continue
+        if key.startswith("sam."):
+            embedded = not cfg.sam.checkpoint
+        elif key.startswith("mllm."):
+            embedded = not cfg.mllm.path
+        else:
+            embedded = True  # projector, refiner, chain token rows: ours alone
+        if embedded or _group_of(key) in trainable:
+            out[canonical_name(key)] = key
+    return out
+
+
+def save_checkpoint(model: CoresModel, path: str | Path, extra: dict | None = None) -> Path:
+    """Write a checkpoint directory atomically (a kill mid-write leaves the old one whole)."""
+    dest = Path(path)
+    state = model.state_dict()
+    with atomic_directory(dest) as tmp:
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "cores_version": __version__, "model": to_dict(model.cfg)}
+        if extra:
+            meta["extra"] = extra
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        tensors = {ck: state[mk].detach().to("cpu").contiguous() for ck, mk in _stored_keys(model).items()}
+        save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": FORMAT})
+        if isinstance(model.mllm, PeftModel):
+            adapter = tmp / "adapter"
+            adapter.mkdir()
+            model.mllm.peft_config["default"].save_pretrained(str(adapter))
+            lora = get_peft_model_state_dict(model.mllm, save_embedding_layers=False)
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in lora.items()}, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def read_checkpoint_config(path: str | Path) -> ModelConfig:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint directory not found: {p}")
+    if not p.is_dir():
+        raise CheckpointError(f"a checkpoint is a directory, got a file: {p}")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"not a cores checkpoint (no config.json): {p}")
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file} is not a cores checkpoint config (format must be {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p}: checkpoint format version {meta.get('format_version')!r}, this cores reads {FORMAT_VERSION}")
+    try:
+        return from_dict(ModelConfig, meta.get("model", {}), "model")
+    except ConfigError as exc:
+        raise CheckpointError(f"{cfg_file}: {exc}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: str | Path, overrides: ModelConfig | None = None, allow_missing: bool = False) -> tuple[CoresModel, CheckpointReport]:
+    """Build the model a checkpoint describes and load its weights (fp32, current device).
+
+    ``overrides`` replaces the stored config (e.g. with ``--set`` changes of base paths).
+    """
+    p = Path(path)
+    cfg = overrides or read_checkpoint_config(p)
+    tok_dir = p / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"checkpoint {p} has no tokenizer/tokenizer.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the tokenizer in {tok_dir}: {str(exc).splitlines()[0]}") from None
+    weights = _read_safetensors(p / "weights.safetensors")
+    model = build_model(cfg, load_base_weights=True, tokenizer=tokenizer)
+
+    expected = _stored_keys(model)
+    state = model.state_dict()
+    for ck, tensor in weights.items():
+        mk = expected.get(ck)
+        if mk is not None and state[mk].shape != tensor.shape:
+            raise CheckpointError(f"{p}: tensor {ck} has shape {tuple(tensor.shape)}, the model expects {tuple(state[mk].shape)}")
+    to_load = {expected[ck]: t for ck, t in weights.items() if ck in expected}
+    model.load_state_dict(to_load, strict=False)
+    report = CheckpointReport(
+        path=str(p),
+        tensors=len(weights),
+        missing=sorted(ck for ck in expected if ck not in weights),
+        unexpected=sorted(ck for ck in weights if ck not in expected),
+    )
+    if isinstance(model.mllm, PeftModel):
+        _load_adapter(model, p / "adapter", report)
+    if report.missing and not allow_missing:
+        raise CheckpointError(f"checkpoint is incomplete: {report.summary()}")
+    return model, report
+
+
+def _load_adapter(model: CoresModel, adapter: Path, report: CheckpointReport) -> None:
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"checkpoint has LoRA enabled but no {cfg_file}")
+    saved = LoraConfig.from_pretrained(str(adapter))
+    want = model.cfg.lora
+    if (saved.r, saved.lora_alpha) != (want.r, want.alpha) or saved.target_modules != lora_target_regex(want):
+        raise CheckpointError(f"{cfg_file}: LoRA r={saved.r}, alpha={saved.lora_alpha} does not match the config's r={want.r}, alpha={want.alpha}")
+    lora = _read_safetensors(adapter / "adapter_model.safetensors")
+    expected = set(get_peft_model_state_dict(model.mllm, save_embedding_layers=False))
+    try:
+        result = set_peft_model_state_dict(model.mllm, lora)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{adapter}: LoRA weights do not fit the model: {str(exc).splitlines()[0]}") from None
+    report.tensors += len(lora)
+    report.missing += sorted("adapter/" + k for k in expected - set(lora))
+    report.unexpected += sorted("adapter/" + k for k in result.unexpected_keys)
