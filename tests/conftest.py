@@ -25,3 +25,65 @@ def realdata() -> Path:
     if path is None:
         pytest.skip("../shared/realdata not found (set CORES_REALDATA)")
     return path
+
+
+# --------------------------------------------------------------------------- model fixtures
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cores_cli.config import ModelConfig, tiny  # noqa: E402
+from cores_cli.configio import apply_overrides  # noqa: E402
+
+
+def tiny_config(*overrides: str) -> ModelConfig:
+    """The tiny preset, with ``a.b=c`` overrides; in-context exemplars off unless asked for,
+    so tests do not depend on the shipped library's contents."""
+    return apply_overrides(tiny(), ["prompt.in_context_k=0", *overrides])
+
+
+def build_tiny(*overrides: str, seed: int = 0):
+    from cores_cli.model.builder import build_model
+
+    torch.manual_seed(seed)
+    return build_model(tiny_config(*overrides))
+
+
+def scene_sample(sample_id: str = "s0", seed: int = 0, rounds: int = 1, size: tuple[int, int] = (96, 128)):
+    """An image with a bright rectangle on noise, and rounds asking for it."""
+    from cores_cli.data.records import ArrayMask, QARound, SegSample
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+    y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+    img[y0 : y0 + h // 3, x0 : x0 + w // 3] = (230, 40, 40)
+    mask = np.zeros((h, w), np.uint8)
+    mask[y0 : y0 + h // 3, x0 : x0 + w // 3] = 1
+    qs = ["what lets the vehicle roll?", "the red part", "what shines at night?"]
+    styles = ["sentence", "phrase", "sentence"]
+    rr = tuple(QARound(qs[i % 3], ArrayMask(mask if i % 2 == 0 else 1 - mask), styles[i % 3]) for i in range(rounds))
+    return SegSample(sample_id, f"{sample_id}.png", rr, image_array=img)
+
+
+def make_batch(model, samples, train: bool = False, seed: int = 0):
+    from cores_cli.data.conversation import ConversationEncoder
+    from cores_cli.data.transform import SampleTransform, collate
+
+    cfg = model.cfg
+    enc = ConversationEncoder(model.tokenizer, cfg.prompt, cfg.chain, "<image>", model.num_image_tokens)
+    tr = SampleTransform(cfg, enc, None, model.clip_size, train=train, seed=seed)
+    return collate([tr(s) for s in samples], model.tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A saved tiny checkpoint whose LoRA B matrices are non-zero (so LoRA matters)."""
+    from cores_cli.engine.checkpoint import save_checkpoint
+
+    model = build_tiny(seed=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny")

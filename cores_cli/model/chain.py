@@ -41,7 +41,10 @@ class TokenRefiner(nn.Module):
     The official code attends over a single prototype, where softmax is identically 1 and the
     attention weights carry no information. Here the token attends over two prototypes, the
     image embedding pooled under the previous mask (foreground) and under its complement
-    (background), so what the token takes depends on how it relates to each. The output
+    (background), so what the token takes depends on how it relates to each. Attention is
+    blind to the order of its keys, so each prototype also carries a learned type embedding
+    (foreground / background): without it, inverting the mask would swap the prototypes and
+    leave the output unchanged. The output
     projection starts small (std ``init_scale``), so R starts near identity while every weight
     gets a gradient from the first step.
     """
@@ -50,6 +53,7 @@ class TokenRefiner(nn.Module):
         super().__init__()
         self.norm_query = nn.LayerNorm(dim)
         self.norm_proto = nn.LayerNorm(dim)
+        self.kind = nn.Parameter(torch.randn(2, dim) * 0.02)
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         nn.init.normal_(self.attn.out_proj.weight, std=init_scale)
         nn.init.zeros_(self.attn.out_proj.bias)
@@ -64,10 +68,26 @@ class TokenRefiner(nn.Module):
 
     def forward(self, token: torch.Tensor, image_embeddings: torch.Tensor, prev_logits: torch.Tensor) -> torch.Tensor:
         """token (N, C), image_embeddings (N, C, h, w), prev_logits (N, 1, m, m) → (N, C)."""
-        protos = self.norm_proto(self.prototypes(image_embeddings, prev_logits))
+        protos = self.norm_proto(self.prototypes(image_embeddings, prev_logits)) + self.kind.to(token.dtype)
         query = self.norm_query(token).unsqueeze(1)
         update, _ = self.attn(query, protos, protos, need_weights=False)
         return token + update.squeeze(1)
+
+
+def image_positional_encoding(sam: Sam) -> torch.Tensor:
+    """SAM's dense positional encoding (1, C, h, w) in the model's dtype.
+
+    ``PromptEncoder.get_dense_pe`` builds its coordinate grid in fp32 and fails against bf16
+    weights, so the grid is built here and passed through SAM's own encoding.
+    """
+    layer = sam.prompt_encoder.pe_layer
+    gauss = layer.positional_encoding_gaussian_matrix
+    h, w = sam.prompt_encoder.image_embedding_size
+    grid = torch.ones((h, w), device=gauss.device, dtype=torch.float32)
+    y = (grid.cumsum(dim=0) - 0.5) / h
+    x = (grid.cumsum(dim=1) - 0.5) / w
+    pe = layer._pe_encoding(torch.stack([x, y], dim=-1).to(gauss.dtype))
+    return pe.permute(2, 0, 1).unsqueeze(0)
 
 
 def decode_masks(
@@ -82,7 +102,7 @@ def decode_masks(
     SAM's decoder repeats the image embedding once per prompt of a *single* image, so prompts
     are decoded image by image (as LISA does) and put back in their original order.
     """
-    image_pe = sam.prompt_encoder.get_dense_pe().to(image_embeddings.dtype)
+    image_pe = image_positional_encoding(sam).to(image_embeddings.dtype)
     out = None
     for b in torch.unique(image_index).tolist():
         rows = (image_index == b).nonzero(as_tuple=True)[0]

@@ -221,6 +221,12 @@ class CoresModel(nn.Module):
         return rows
 
 
+_UNUSED_DECODER_PARTS = (
+    "sam.mask_decoder.iou_prediction_head.",
+    *(f"sam.mask_decoder.output_hypernetworks_mlps.{i}." for i in range(1, 4)),
+)
+
+
 def _group_of(name: str) -> str:
     if "lora_" in name:
         return "lora"
@@ -230,6 +236,10 @@ def _group_of(name: str) -> str:
         return "projector"
     if name.startswith("refiner."):
         return "refiner"
+    if name.startswith(_UNUSED_DECODER_PARTS):
+        # Single-mask output never reads SAM's three multimask heads or its IoU head: their
+        # gradients are identically zero, so they are frozen rather than given optimizer state.
+        return "sam_mask_decoder_unused"
     if name.startswith("sam.mask_decoder."):
         return "sam_mask_decoder"
     if name.startswith("sam.image_encoder."):
