@@ -316,14 +316,18 @@ def parse_coco_segmentation(seg: Any, where: str = "") -> tuple[tuple[Polygon, .
 LabelConvention = Literal["ade20k", "plain"]
 
 
-@lru_cache(maxsize=8)
-def _read_label_png(path: str) -> np.ndarray:
-    """The raw label values of a PNG (palette indices for mode ``P``), read-only, cached
-    because a sample asks about up to 3 classes of the same file."""
+def read_label_png(path: str) -> np.ndarray:
+    """The raw values of a single-channel label PNG (palette indices for mode ``P``)."""
     with Image.open(path) as img:
         if img.mode not in ("L", "P", "I", "I;16"):
             raise ValueError(f"label map {path} has mode {img.mode}, expected a single channel")
-        a = np.array(img)
+        return np.array(img)
+
+
+@lru_cache(maxsize=8)
+def _cached_label_png(path: str) -> np.ndarray:
+    """Read-only and cached: a sample asks about up to 3 classes of the same file."""
+    a = read_label_png(path)
     a.setflags(write=False)
     return a
 
@@ -359,6 +363,6 @@ class LabelMapMask(MaskSpec):
     ignore_ids: tuple[int, ...] = ()
 
     def rasterize(self, height: int, width: int) -> np.ndarray:
-        ids = decode_label_map(_read_label_png(self.label_path), self.convention, self.num_classes, self.ignore_ids)
+        ids = decode_label_map(_cached_label_png(self.label_path), self.convention, self.num_classes, self.ignore_ids)
         mask = np.where(ids == IGNORE, IGNORE, (ids == self.class_id).astype(np.uint8)).astype(np.uint8)
         return resize_nearest(mask, height, width)
