@@ -1,0 +1,255 @@
+"""PACO-LVIS, PASCAL-Part and PartImageNet readers (COCO-format part annotations).
+
+Layouts (LISA's for PACO-LVIS and PASCAL-Part; VLPart's under ``vlpart/`` for PartImageNet,
+which LISA lists but never implemented)::
+
+    PACO-LVIS:     {data_root}/vlpart/paco/annotations/paco_lvis_v1_{train,val,test}.json
+                   {data_root}/coco/{file_name}              # file_name is e.g. train2017/000000xxxx.jpg
+    PASCAL-Part:   {data_root}/vlpart/pascal_part/{train,val}.json
+                   {data_root}/vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages/{file_name}
+    PartImageNet:  {data_root}/vlpart/partimagenet/{split}_format.json  (VLPart's rewrite) or {split}.json
+                   {data_root}/vlpart/partimagenet/{split}/{wnid}/{file_name}   (wnid = the part of the
+                   file name before "_" when file_name has no folder; a flat {split}/{file_name} also works)
+
+Category names (LISA's parsing):
+
+- PACO-LVIS: ``"obj:part"`` → (obj, part), each cut at ``"_("`` (``"glass_(drink_container)"``
+  → ``"glass"``); a name without ``":"`` is a whole object. Underscores are kept, as in LISA.
+- PASCAL-Part: ``"obj:part"`` (``"car:license plate"``) → (obj, part).
+- PartImageNet: ``"Quadruped Head"`` with supercategory ``"Quadruped"`` → (quadruped, head);
+  the dataset's typo "Tier" reads "tire" in queries (``class_name`` keeps the original name).
+
+Queries (``"phrase"`` style, lower-cased like LISA's template): ``"the {part} of the {obj}"``,
+or on ``train`` a seeded 50/50 choice between that and ``"{obj} {part}"`` (LISA draws it at
+random per visit); a whole object is its name. ``class_name`` is the category's name, the unit
+of mIoU.
+
+Records: one sample per image (per chunk of ``rounds_per_sample`` rounds: 3 by default on
+``train``, all on eval splits; train rounds are shuffled with a fixed seed first), one round per
+part category present, whose mask is the **union of all that category's instances** in the
+image (a query naming a class means all of it; this is also what per-class mIoU needs).
+Deviation from LISA, which samples up to 3 *annotations* and asks about each one's class with
+only that instance as the mask; ``instance_masks=True`` gives one round per annotation as LISA.
+Degenerate polygons are dropped with warnings in ``meta["warnings"]``; a category left with
+no valid polygon is dropped too (LISA catches ``annToMask`` errors and resamples).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CoresError
+from .layout import DirIndex, chunk, first_existing, load_json, missing_images_error, require_dir
+from .masks import CocoMask, Polygon, Rle, parse_coco_segmentation
+from .records import QARound, SegSample
+
+log = logging.getLogger("cores.data")
+
+PART_SPLITS = {
+    "pacolvis": ("train", "val", "test"),
+    "pascalpart": ("train", "val"),
+    "partimagenet": ("train", "val", "test"),
+}
+
+ObjPart = tuple[str, str | None]
+"""(object, part) of a category; part None for a whole object."""
+
+
+def paco_name(cat: dict) -> ObjPart:
+    pieces = str(cat["name"]).strip().split(":")
+    if len(pieces) == 2:
+        return pieces[0].split("_(")[0], pieces[1].split("_(")[0]
+    return str(cat["name"]).strip().split("_(")[0], None
+
+
+def pascal_part_name(cat: dict) -> ObjPart:
+    pieces = str(cat["name"]).strip().split(":")
+    if len(pieces) == 2:
+        return pieces[0], pieces[1]
+    return str(cat["name"]).strip(), None
+
+
+def partimagenet_name(cat: dict) -> ObjPart:
+    name = str(cat["name"]).strip()
+    sup = str(cat.get("supercategory") or "").strip()
+    if sup and name.lower().startswith(sup.lower() + " "):
+        obj, part = sup, name[len(sup) + 1 :]
+    elif " " in name:
+        obj, part = name.split(" ", 1)
+    else:
+        return name.lower(), None
+    part = part.lower()
+    if part == "tier":  # the dataset's spelling of "tire" (Car Tier, Bicycle Tier)
+        part = "tire"
+    return obj.lower(), part
+
+
+def phrase(obj_part: ObjPart, rng: random.Random | None) -> str:
+    obj, part = obj_part
+    if part is None:
+        return obj.lower()
+    if rng is not None and rng.random() < 0.5:
+        return f"{obj} {part}".lower()
+    return f"the {part} of the {obj}".lower()
+
+
+@dataclass(frozen=True)
+class PartSource:
+    dataset: str
+    split: str
+    annotation_file: Path
+    name_of: Callable[[dict], ObjPart]
+    image_path: Callable[[dict, DirIndex], Path]
+
+
+def _split_check(dataset: str, split: str) -> None:
+    if split not in PART_SPLITS[dataset]:
+        raise CoresError(f"{dataset} has no split {split!r}; choose from {', '.join(PART_SPLITS[dataset])}")
+
+
+def paco_source(data_root: Path, split: str) -> PartSource:
+    _split_check("pacolvis", split)
+    root = Path(data_root)
+    ann_dir = require_dir(root / "vlpart" / "paco" / "annotations", "PACO-LVIS layout ({root}/vlpart/paco/annotations/)")
+    coco = require_dir(root / "coco", "PACO-LVIS images ({root}/coco/{file_name})")
+    ann = first_existing([ann_dir / f"paco_lvis_v1_{split}.json"], "PACO-LVIS annotations")
+    return PartSource("pacolvis", split, ann, paco_name, lambda img, _ix: coco / img["file_name"])
+
+
+def pascal_part_source(data_root: Path, split: str) -> PartSource:
+    _split_check("pascalpart", split)
+    base = require_dir(Path(data_root) / "vlpart" / "pascal_part", "PASCAL-Part layout ({root}/vlpart/pascal_part/)")
+    ann = first_existing([base / f"{split}.json"], "PASCAL-Part annotations")
+    images = require_dir(base / "VOCdevkit" / "VOC2010" / "JPEGImages", "PASCAL-Part images")
+    return PartSource("pascalpart", split, ann, pascal_part_name, lambda img, _ix: images / img["file_name"])
+
+
+def partimagenet_source(data_root: Path, split: str) -> PartSource:
+    _split_check("partimagenet", split)
+    base = require_dir(Path(data_root) / "vlpart" / "partimagenet", "PartImageNet layout ({root}/vlpart/partimagenet/)")
+    ann = first_existing([base / f"{split}_format.json", base / f"{split}.json"], "PartImageNet annotations")
+    images = require_dir(base / split, f"PartImageNet images ({{root}}/vlpart/partimagenet/{split}/)")
+
+    def image_path(img: dict, index: DirIndex) -> Path:
+        name = str(img["file_name"])
+        if "/" in name:
+            return images / name
+        nested = images / name.split("_")[0] / name
+        return nested if index.exists(nested) or not index.exists(images / name) else images / name
+
+    return PartSource("partimagenet", split, ann, partimagenet_name, image_path)
+
+
+PART_SOURCES: dict[str, Callable[[Path, str], PartSource]] = {
+    "pacolvis": paco_source,
+    "pascalpart": pascal_part_source,
+    "partimagenet": partimagenet_source,
+}
+
+
+def load_parts(
+    dataset: str,
+    data_root: Path,
+    split: str,
+    *,
+    rounds_per_sample: int | None = None,
+    instance_masks: bool = False,
+    shuffle_seed: int = 0,
+    skip_missing: bool = False,
+) -> list[SegSample]:
+    """``pacolvis|pascalpart|partimagenet:{split}`` → records (see the module docstring)."""
+    if dataset not in PART_SOURCES:
+        raise CoresError(f"unknown part dataset {dataset!r}; choose from {', '.join(PART_SOURCES)}")
+    require_dir(Path(data_root), "data root")
+    source = PART_SOURCES[dataset](Path(data_root), split)
+    if rounds_per_sample is None and split == "train":
+        rounds_per_sample = 3
+    return read_coco_parts(source, rounds_per_sample=rounds_per_sample, instance_masks=instance_masks, shuffle_seed=shuffle_seed, skip_missing=skip_missing)
+
+
+def read_coco_parts(
+    source: PartSource,
+    *,
+    rounds_per_sample: int | None = None,
+    instance_masks: bool = False,
+    shuffle_seed: int = 0,
+    skip_missing: bool = False,
+) -> list[SegSample]:
+    """A COCO-format part file → records, per the module docstring."""
+    what = f"{source.dataset} annotations"
+    data = load_json(source.annotation_file, what)
+    if not isinstance(data, dict):
+        raise CoresError(f"{what}: {source.annotation_file} is not a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise CoresError(f"{what}: {source.annotation_file} has no key {key!r}")
+    cats = {c["id"]: c for c in data["categories"]}
+    images = {im["id"]: im for im in data["images"]}
+    by_image: dict[Any, list[dict]] = {}
+    orphans = 0
+    for ann in data["annotations"]:
+        if ann.get("image_id") not in images or ann.get("category_id") not in cats:
+            orphans += 1
+            continue
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    if orphans:
+        log.warning("%s: %d annotation(s) name an unknown image or category; left out", source.annotation_file, orphans)
+
+    name = f"{source.dataset}:{source.split}"
+    train = source.split == "train"
+    index = DirIndex()
+    samples: list[SegSample] = []
+    missing: list[Path] = []
+    for image_id in sorted(by_image, key=lambda i: (str(type(i)), i)):
+        img = images[image_id]
+        path = source.image_path(img, index)
+        if not index.exists(path):
+            missing.append(path)
+            continue
+        h, w = int(img["height"]), int(img["width"])
+        rng = random.Random(f"{shuffle_seed}:{image_id}") if train else None
+        warnings: list[str] = []
+        groups_of_anns: list[tuple[int, list[dict]]] = []
+        if instance_masks:
+            groups_of_anns = [(a["category_id"], [a]) for a in by_image[image_id]]
+        else:
+            per_cat: dict[int, list[dict]] = {}
+            for a in by_image[image_id]:
+                per_cat.setdefault(a["category_id"], []).append(a)
+            groups_of_anns = sorted(per_cat.items(), key=lambda kv: str(kv[0]))
+        rounds: list[QARound] = []
+        for cat_id, anns in groups_of_anns:
+            polys: list[Polygon] = []
+            rles: list[Rle] = []
+            for a in anns:
+                p, r, warn = parse_coco_segmentation(a.get("segmentation", []), f"ann {a.get('id')}")
+                polys.extend(p)
+                rles.extend(r)
+                warnings.extend(warn)
+            cat = cats[cat_id]
+            if not polys and not rles:
+                warnings.append(f"category {cat['name']!r}: no valid segmentation; round left out")
+                continue
+            rounds.append(QARound(phrase(source.name_of(cat), rng), CocoMask(tuple(polys), tuple(rles), h, w), "phrase", str(cat["name"])))
+        if not rounds:
+            log.warning("%s: image %s has no usable part annotation; left out", name, image_id)
+            continue
+        if rng is not None and rounds_per_sample:
+            rng.shuffle(rounds)
+        groups = chunk(rounds, rounds_per_sample)
+        meta: dict[str, Any] = {"image_id": image_id, "image_size": (h, w)}
+        if warnings:
+            meta["warnings"] = warnings
+        for g, group in enumerate(groups):
+            sid = f"{name}/{image_id}" + (f"#{g}" if len(groups) > 1 else "")
+            samples.append(SegSample(sid, str(path), tuple(group), source.dataset, dict(meta)))
+    if missing and not skip_missing:
+        raise missing_images_error(missing, len(by_image), name)
+    if missing:
+        log.warning("%s: left out %d image(s) that are missing", name, len(missing))
+    return samples
