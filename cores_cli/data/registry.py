@@ -1,0 +1,164 @@
+"""Dataset names → records: ``load_samples("reasonseg:val", data_root)``.
+
+Names (``data_root`` is the folder holding the datasets in LISA's layout; see each reader's
+module docstring for the exact files):
+
+===============================================  ===========================================
+``reasonseg:{train,val,test}[:{short,long}]``    :mod:`cores_cli.data.reasonseg`
+``refcoco:{unc,google}:{train,val,testA,testB}`` :mod:`cores_cli.data.refer` (also
+``refcoco+:unc:…``, ``refcocog:{umd,google}:…``, ``refclef:{unc,berkeley}:…``; the split_by
+may be left out: ``refcoco:val`` = ``refcoco:unc:val``, ``refcocog:val`` = ``refcocog:umd:val``)
+``ade20k|cocostuff|mapillary:{train,val}``       :mod:`cores_cli.data.semantic`
+``pacolvis:{train,val,test}``,                   :mod:`cores_cli.data.parts`
+``pascalpart:{train,val}``,
+``partimagenet:{train,val,test}``
+``synthetic:{train,val,test}[:{short,long}]``    :mod:`cores_cli.data.synthetic` (no data root)
+===============================================  ===========================================
+
+Options (``**opts``) go to the reader; an option the reader does not take is an error that
+lists those it does, and options whose value is None are dropped (so a CLI can pass its
+unset flags through). Common ones: ``rounds_per_sample`` (default 3 on ``train``, all on eval
+splits), ``skip_missing`` (leave out samples whose image is missing instead of failing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CoresError
+from .parts import PART_SPLITS, load_parts
+from .reasonseg import load_reasonseg
+from .records import SegSample
+from .refer import DEFAULT_SPLIT_BY, REFER_DATASETS, REFER_SPLITS, load_refer
+from .semantic import SPLIT_FOLDERS, load_semantic
+from .synthetic import SPLIT_IDS, load_synthetic
+
+ALIASES = {"paco_lvis": "pacolvis", "paco": "pacolvis", "pascal_part": "pascalpart", "reason_seg": "reasonseg"}
+
+NAME_PATTERNS: tuple[str, ...] = (
+    "reasonseg:{train,val,test}[:{short,long}]",
+    "refcoco:{unc,google}:{train,val,testA,testB}",
+    "refcoco+:unc:{train,val,testA,testB}",
+    "refcocog:{umd,google}:{train,val,test}",
+    "refclef:{unc,berkeley}:{train,val,test,testA,testB,testC}",
+    "ade20k:{train,val}",
+    "cocostuff:{train,val}",
+    "mapillary:{train,val}",
+    "pacolvis:{train,val,test}",
+    "pascalpart:{train,val}",
+    "partimagenet:{train,val,test}",
+    "synthetic:{train,val,test}[:{short,long}]",
+)
+
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "reasonseg": ("folder", "queries", "subset", "rounds_per_sample", "skip_missing"),
+    "refer": ("rounds_per_sample", "shuffle_seed", "skip_missing"),
+    "semantic": ("rounds_per_sample", "shuffle_seed", "skip_missing", "classes_file", "cache", "cache_dir", "workers", "progress"),
+    "parts": ("rounds_per_sample", "instance_masks", "shuffle_seed", "skip_missing"),
+    "synthetic": ("n", "seed", "image_size", "n_texts", "queries", "subset", "rounds_per_sample"),
+}
+
+
+@dataclass(frozen=True)
+class DatasetName:
+    """A parsed dataset name."""
+
+    family: str
+    """reasonseg | refer | semantic | parts | synthetic"""
+    dataset: str
+    split: str
+    split_by: str | None = None
+    subset: str | None = None
+
+    def __str__(self) -> str:
+        parts = [self.dataset] + ([self.split_by] if self.split_by else []) + [self.split] + ([self.subset] if self.subset else [])
+        return ":".join(parts)
+
+    @property
+    def needs_data_root(self) -> bool:
+        return self.family != "synthetic"
+
+
+def _unknown(name: str, why: str) -> CoresError:
+    return CoresError(f"unknown dataset {name!r} ({why}); valid names: " + ", ".join(NAME_PATTERNS))
+
+
+def parse_name(name: str) -> DatasetName:
+    """``"refcoco:unc:val"`` → :class:`DatasetName`; a clear error listing valid names."""
+    pieces = [p.strip() for p in str(name).strip().split(":")]
+    if len(pieces) < 2 or not all(pieces):
+        raise _unknown(name, "expected DATASET:SPLIT")
+    ds = ALIASES.get(pieces[0].lower(), pieces[0].lower())
+    rest = pieces[1:]
+    if ds in ("reasonseg", "synthetic"):
+        splits = ("train", "val", "test") if ds == "reasonseg" else tuple(SPLIT_IDS)
+        if len(rest) > 2 or rest[0] not in splits:
+            raise _unknown(name, f"{ds} splits are {', '.join(splits)}")
+        subset = rest[1] if len(rest) == 2 else None
+        if subset not in (None, "short", "long"):
+            raise _unknown(name, f"the optional subset is short or long, not {subset!r}")
+        return DatasetName(ds, ds, rest[0], subset=subset)
+    if ds in REFER_DATASETS:
+        if len(rest) == 1:
+            split_by, split = DEFAULT_SPLIT_BY[ds], rest[0]
+        elif len(rest) == 2:
+            split_by, split = rest
+        else:
+            raise _unknown(name, "expected DATASET:SPLIT_BY:SPLIT")
+        if split_by not in REFER_DATASETS[ds]["split_bys"]:
+            raise _unknown(name, f"{ds} is split by {', '.join(REFER_DATASETS[ds]['split_bys'])}")
+        if split not in REFER_SPLITS:
+            raise _unknown(name, f"REFER splits are {', '.join(REFER_SPLITS)}")
+        return DatasetName("refer", ds, split, split_by=split_by)
+    if ds in SPLIT_FOLDERS:
+        if len(rest) != 1 or rest[0] not in SPLIT_FOLDERS[ds]:
+            raise _unknown(name, f"{ds} splits are {', '.join(SPLIT_FOLDERS[ds])}")
+        return DatasetName("semantic", ds, rest[0])
+    if ds in PART_SPLITS:
+        if len(rest) != 1 or rest[0] not in PART_SPLITS[ds]:
+            raise _unknown(name, f"{ds} splits are {', '.join(PART_SPLITS[ds])}")
+        return DatasetName("parts", ds, rest[0])
+    raise _unknown(name, f"no dataset called {pieces[0]!r}")
+
+
+def load_samples(name: str, data_root: Path | str | None = None, **opts: Any) -> list[SegSample]:
+    """Parse ``name``, check the options, and run its reader. See the module docstring."""
+    spec = parse_name(name)
+    opts = {k: v for k, v in opts.items() if v is not None}
+    allowed = _OPTIONS[spec.family]
+    bad = sorted(set(opts) - set(allowed))
+    if bad:
+        raise CoresError(f"{spec}: unknown option {bad[0]!r}; {spec.dataset} takes {', '.join(allowed)}")
+    if spec.subset is not None:
+        if opts.get("subset", spec.subset) != spec.subset:
+            raise CoresError(f"{spec}: the name says subset {spec.subset!r} but the options say {opts['subset']!r}")
+        opts["subset"] = spec.subset
+    if spec.needs_data_root and data_root is None:
+        raise CoresError(f"{spec} needs a data root (--data-root): the folder holding its files in LISA's layout")
+    root = Path(data_root) if data_root is not None else None
+    readers: dict[str, Callable[..., list[SegSample]]] = {
+        "reasonseg": lambda: load_reasonseg(root, spec.split, **opts),
+        "refer": lambda: load_refer(root, spec.dataset, spec.split, spec.split_by, **opts),
+        "semantic": lambda: load_semantic(spec.dataset, root, spec.split, **opts),
+        "parts": lambda: load_parts(spec.dataset, root, spec.split, **opts),
+        "synthetic": lambda: load_synthetic(spec.split, **opts),
+    }
+    return readers[spec.family]()
+
+
+def protocol(name: str, **opts: Any) -> str:
+    """A one-line statement of what a name evaluates, to print beside its numbers."""
+    spec = parse_name(name)
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if spec.family in ("reasonseg", "synthetic"):
+        q = opts.get("queries") or ("all" if spec.split == "train" else "first")
+        which = "the first query of each image (LISA's protocol)" if q == "first" else "every query of each image"
+        sub = f", {spec.subset} queries only" if spec.subset else ""
+        extra = f", n={opts.get('n', 'default')}, seed={opts.get('seed', 0)}" if spec.family == "synthetic" else ""
+        return f"{spec}: {which}{sub}{extra}; ignore pixels (255) excluded; gIoU with empty unions = 1"
+    if spec.family == "refer":
+        return f"{spec}: every sentence of every ref, one target each (LISA's ValDataset); gIoU with empty unions = 1"
+    return f"{spec}: every class present per image, class-level masks; mIoU = mean over classes of ΣI/ΣU"
