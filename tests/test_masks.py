@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 
 from cores_cli.data.masks import (
     CocoMask,
+    compressed_rle_total,
     LabelMapMask,
     LabelmePolygonMask,
     PolygonShape,
@@ -134,8 +135,13 @@ def test_real_coco_annotations_match_pycocotools(coco_val2017):
     images = {im["id"]: im for im in coco_val2017["images"]}
     for ann in coco_val2017["annotations"]:
         img = images[ann["image_id"]]
-        ours = _spec(ann, img).rasterize(img["height"], img["width"])
-        assert np.array_equal(ours, _ann_to_mask(ann, img["height"], img["width"])), ann["id"]
+        h, w = img["height"], img["width"]
+        ours = _spec(ann, img).rasterize(h, w)
+        assert np.array_equal(ours, _ann_to_mask(ann, h, w)), ann["id"]
+        if isinstance(ann["segmentation"], list):
+            # LISA's refer path: decode every polygon, sum the maps, cast to uint8
+            lisa = np.sum(mask_utils.decode(mask_utils.frPyObjects(ann["segmentation"], h, w)), axis=2).astype(np.uint8)
+            assert np.array_equal(ours, np.minimum(lisa, 1)), ann["id"]
 
 
 def test_real_multi_polygon_and_uncompressed_crowd_rle(coco_val2017):
@@ -192,6 +198,22 @@ def test_degenerate_coco_polygons_are_dropped_with_warnings():
     # An empty segmentation is an empty mask (LISA's len(...) == 0 case).
     polys, rles, warnings = parse_coco_segmentation([])
     assert CocoMask(polys, rles, 4, 5).rasterize(4, 5).sum() == 0 and warnings == []
+
+
+def test_compressed_rle_strings_are_checked_before_decoding():
+    rng = np.random.default_rng(0)
+    for t in range(60):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        m = np.asfortranarray((rng.random((h, w)) < rng.random()).astype(np.uint8))
+        counts = mask_utils.encode(m)["counts"].decode()
+        assert compressed_rle_total(counts) == h * w
+        polys, rles, warnings = parse_coco_segmentation({"counts": counts, "size": [h, w]})
+        assert warnings == [] and np.array_equal(CocoMask(polys, rles, h, w).rasterize(h, w), m)
+    # pycocotools "decodes" an empty or truncated string into uninitialised memory
+    for bad in ("", "0", "abc", "PPYo0", "\u00e9"):
+        assert compressed_rle_total(bad) != 9
+        _, rles, warnings = parse_coco_segmentation({"counts": bad, "size": [3, 3]})
+        assert not rles and "malformed" in warnings[0]
 
 
 def test_coco_mask_touching_the_border_and_resized():

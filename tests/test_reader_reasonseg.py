@@ -171,3 +171,14 @@ def test_empty_target_is_reported_not_fatal(tmp_path):
     (s,) = read_split_dir(d)
     assert any("no target polygon" in w for w in s.meta["warnings"])
     assert set(np.unique(s.rounds[0].target.rasterize(6, 6))) == {0, 255}
+
+
+def test_image_size_follows_exif_orientation(realdata, tmp_path):
+    """A JPEG stored 1200x1800 with EXIF orientation 6 shows as 1800 wide x 1200 high (as
+    cv2.imread gives LISA); polygon coordinates are in that upright frame."""
+    d = tmp_path / "split"
+    write_reasonseg(d, "Landscape_6", ["the landscape"], False, [reasonseg_shape("target", [[1700, 100], [1790, 100], [1790, 200]])])
+    (d / "Landscape_6.jpg").symlink_to(realdata / "quirks/exif_orientation/Landscape_6.jpg")
+    (s,) = read_split_dir(d)
+    assert s.meta["image_size"] == (1200, 1800)
+    assert "warnings" not in s.meta  # x = 1700..1790 is inside the upright image

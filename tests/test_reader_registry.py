@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -82,3 +84,10 @@ def test_every_family_dispatches(tmp_path):
     (p,) = load_samples("pascalpart:val", root)
     assert p.rounds[0].query == "the tail of the dog"
     assert "mIoU" in protocol("pascalpart:val") and "ValDataset" in protocol("refcoco:unc:val")
+    # records are cheap and picklable (DataLoader workers receive them)
+    records = [s, r, a, p, *load_samples("synthetic:val", n=2)]
+    again = pickle.loads(pickle.dumps(records))
+    for x, y in zip(records, again):
+        assert x.sample_id == y.sample_id and x.rounds == y.rounds
+        h, w = (8, 8) if x is s or x is r else (4, 4) if x in (a, p) else (128, 128)
+        assert np.array_equal(x.rounds[0].target.rasterize(h, w), y.rounds[0].target.rasterize(h, w))

@@ -205,6 +205,39 @@ class Rle:
         return mask_utils.frPyObjects({"counts": list(self.counts), "size": [h, w]}, h, w)
 
 
+def compressed_rle_total(counts: str) -> int | None:
+    """Total run length encoded in a COCO compressed-RLE string, or None if malformed.
+
+    The string format (pycocotools' ``rleToString``): each run length is written in 5-bit
+    groups as characters ``48 + group``, bit 0x20 meaning "more groups follow" and bit 0x10 of
+    the last group the sign; from the 4th run on, a run is stored as the difference to the run
+    two places before. pycocotools decodes malformed strings (even an empty one) into garbage
+    memory instead of failing, so strings are checked here before they are ever decoded.
+    """
+    if not counts:
+        return None
+    try:
+        b = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
+    except UnicodeEncodeError:
+        return None
+    if (b < 0).any() or (b > 63).any() or b[-1] & 0x20:
+        return None
+    ends = np.flatnonzero((b & 0x20) == 0)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > 12:
+        return None
+    k = np.arange(len(b)) - np.repeat(starts, lengths)
+    values = np.add.reduceat((b & 0x1F) << (5 * k), starts)
+    values = np.where(b[ends] & 0x10, values - (np.int64(1) << (5 * lengths)), values)
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
+    if (runs < 0).any():
+        return None
+    return int(runs.sum())
+
+
 Polygon = tuple[float, ...]
 """A flat COCO polygon ``(x1, y1, x2, y2, ...)``."""
 
@@ -243,8 +276,11 @@ class CocoMask(MaskSpec):
         if encoded:
             out |= mask_utils.decode(mask_utils.merge(encoded)).astype(np.uint8)
         for rle in self.rles:
-            m = mask_utils.decode(rle.to_coco()).astype(np.uint8)
-            out |= resize_nearest(m, h, w)
+            try:
+                m = mask_utils.decode(rle.to_coco())
+            except ValueError:  # not reachable for RLEs checked by parse_coco_segmentation
+                continue
+            out |= resize_nearest((m != 0).astype(np.uint8), h, w)
         return resize_nearest(out, height, width)
 
     @property
@@ -258,7 +294,7 @@ def parse_coco_segmentation(seg: Any, where: str = "") -> tuple[tuple[Polygon, .
     Accepts a list of flat polygons, an RLE dict (``counts`` string or list), or a list of RLE
     dicts. Dropped with a warning: polygons with fewer than 3 points or an odd number of
     coordinates, NaN/infinite coordinates, RLEs whose size is missing or whose uncompressed
-    counts do not add up to height × width. An empty list is an empty mask (as in LISA).
+    counts (compressed or not) do not add up to height × width. An empty list is an empty mask (as in LISA).
     """
     pre = f"{where}: " if where else ""
     polys: list[Polygon] = []
@@ -276,6 +312,10 @@ def parse_coco_segmentation(seg: Any, where: str = "") -> tuple[tuple[Polygon, .
         if isinstance(counts, bytes):
             counts = counts.decode("ascii")
         if isinstance(counts, str):
+            total = compressed_rle_total(counts)
+            if total != h * w:
+                warnings.append(f"{pre}{tag} compressed counts are malformed or do not cover {h}×{w}; skipped")
+                return
             rles.append(Rle(counts, (h, w)))
             return
         if isinstance(counts, list) and all(isinstance(c, int) and c >= 0 for c in counts):
