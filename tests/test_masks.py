@@ -75,6 +75,7 @@ def test_degenerate_shapes_are_drawn_as_lisa_or_skipped_with_warnings():
         {"label": "target", "points": []},  # cv2 would raise: skipped
         {"label": "target", "points": [[float("nan"), 1], [3, 4], [5, 6]]},  # skipped
         {"label": "target", "points": [[1, 2, 3], [4, 5, 6]]},  # not pairs: skipped
+        {"label": "target", "points": [{"x": 1, "y": 2}, {"x": 3, "y": 4}]},  # dicts: skipped
         {"label": "target"},  # no points: skipped
         "not a shape",
         {"label": 7, "points": [[0, 10], [1, 10], [1, 11]]},  # label coerced to "7"
@@ -83,9 +84,9 @@ def test_degenerate_shapes_are_drawn_as_lisa_or_skipped_with_warnings():
     shapes, warnings = parse_labelme_shapes(raw)
     assert [s.label for s in shapes] == ["target", "target", "7", "flag"]
     text = "\n".join(warnings)
-    for needle in ("shape 0", "drawn as a line", "shape 1", "dot", "shape 2", "no points", "shape 3", "NaN", "shape 4", "pairs", "shape 5", "shape 6", "shape 7", "not a string"):
+    for needle in ("shape 0", "drawn as a line", "shape 1", "dot", "shape 2", "no points", "shape 3", "NaN", "shape 4", "pairs", "shape 5", "shape 6", "shape 7", "shape 8", "not a string"):
         assert needle in text
-    assert "shape 8" not in text
+    assert "shape 9" not in text
     m = LabelmePolygonMask(shapes).rasterize(12, 12)
     assert m[3, 2:7].tolist() == [1] * 5 and m[9, 9] == 1
     assert m[0, 0] == 0  # the flag is not drawn

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,12 +72,6 @@ class DirIndex:
 
     def exists(self, path: Path) -> bool:
         return path.name in self.names(path.parent)
-
-
-def check_images_exist(paths: Iterable[Path], what: str, index: DirIndex | None = None) -> list[Path]:
-    """The paths that are missing (empty when all exist)."""
-    index = index or DirIndex()
-    return [p for p in paths if not index.exists(p)]
 
 
 def missing_images_error(missing: Sequence[Path], total: int, what: str) -> CoresError:

@@ -153,7 +153,7 @@ def parse_labelme_shapes(raw: Any, where: str = "") -> tuple[tuple[PolygonShape,
             points = tuple((float(p[0]), float(p[1])) for p in pts if len(p) == 2)
             if len(points) != len(pts):
                 raise ValueError
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, KeyError):
             warnings.append(f"{pre}shape {k} ({label!r}) points are not [x, y] pairs; skipped")
             continue
         if label.lower() == "flag":
