@@ -4,18 +4,19 @@ What it is for: showing, on a CPU with a tiny SAM (128 px input) and a tiny LLaV
 whole system learns the thing the paper is about — finding a *part* from a query that names
 its function, when similar-looking parts sit in other objects. A dark disc is an eye on a face,
 a wheel on a car and an eye on a fish; a light-blue rectangle is a car window or a house
-window; a triangle is a nose, a roof or a fin (all triangles of a scene share one colour); a
-red disc is a mouth-coloured fruit; a brown rectangle is a house door or a tree trunk. Only the
-container around a shape (and where the shape sits in it) says which part it is.
+window; a triangle is a nose, a roof, a fin or a tail (all triangles of a scene share one
+colour); red is a mouth or a fruit; a brown rectangle is a car door, a house door or a tree
+trunk. Only the container around a shape (and where the shape sits in it) says which part it
+is.
 
 Scenes (default 128×128 RGB): 1–3 containers of different kinds among face, car, house, tree
 and fish (probabilities 0.6 / 0.3 / 0.1), each a body with 2–3 kinds of parts, plus loose
 look-alike shapes on the free background (often one of the target's colour family, and 0–2
-others); colours are jittered and a little pixel noise is
-added. Parts never overlap each other, nothing is drawn over a part, and bodies are never
-targets, so a part's polygons are exactly its visible pixels. Parts are large for the image
-(a target covers about 4 % of the image at the median, 1.5–9 % from the 10th to the 90th
-percentile) so that SAM's 4× lower-resolution masks can resolve them.
+others); colours are jittered and a little pixel noise is added. Parts never overlap each
+other, nothing is drawn over a part, and bodies are never targets, so a part's polygons are
+exactly its visible pixels. Parts are large for the image (a target covers about 4 % of the
+image at the median, 1.5–9 % from the 10th to the 90th percentile) so that SAM's 4×
+lower-resolution masks can resolve them.
 
 Each sample = one image and one target: all instances of one part kind of one container (both
 eyes of the face). Its queries (``n_texts``, default 3, all of one style) name a function or
