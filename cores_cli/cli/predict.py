@@ -122,4 +122,5 @@ def predict(
     if n == 0:
         raise fail("no input items (stdin was empty)")
     if failed:
-        raise fail(f"{len(failed)} of {n} item{'s' if n > 1 else ''} failed; {len(done)} written to {out}")
+        # one item: its own error line already says everything
+        raise fail(f"{len(failed)} of {n} items failed; {len(done)} written to {out}") if n > 1 else typer.Exit(1)

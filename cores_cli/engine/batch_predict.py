@@ -51,6 +51,8 @@ def jobs_from_argument(image: str, query: str | None) -> list[Job]:
         if not files:
             raise CoresError(f"no files match {image!r}")
         return [Job(f, query) for f in files]
+    if not p.exists():
+        raise CoresError(f"image not found: {p}")  # before the model loads, not after
     return [Job(image, query)]
 
 
