@@ -1,0 +1,615 @@
+"""Generate an exemplar library with an OpenAI-compatible chat model (paper §3.2).
+
+The paper induces ChatGPT to write more question/answer pairs from a few hand-written ones.
+Here each request shows the model a few seed exemplars (``contexts/seeds.jsonl``) and asks for
+the three chain levels of a small batch of objects drawn from the training sets' vocabulary
+(``contexts/vocabulary.json``). Every returned entry is validated like any library line
+(:func:`cores_cli.contexts.validate_exemplar`), duplicates are rejected, and accepted entries
+are appended to the output file one whole line at a time.
+
+Writing and resuming. Each accepted line is written with a single ``os.write`` on an
+``O_APPEND`` descriptor and fsynced, so the file only ever grows by whole lines, except that a
+crash or power loss in the middle of that write could leave a torn last line. On start the
+file is read back: a last line without its newline is such a torn write and is cut off (the
+summary says so); every complete line must be a valid exemplar, otherwise the run stops with
+the file and line, since that file was edited by hand and silently dropping lines would lose
+work. The valid entries count towards ``n``, once per object (:func:`object_key`: "Dog Paws"
+and "dog paw" are one object), and their objects are not asked for again.
+
+Failures. The client's own retries are off (``max_retries=0``) so that this module decides:
+HTTP 429, 5xx, timeouts and connection errors are retried with exponential back-off (honouring
+``Retry-After``); other HTTP errors (401, 403, 404, 400) would fail the same way for every
+request, so they stop the run at once. After ``max_failed_requests`` requests failed for good,
+or ``max_barren_replies`` replies in a row without one acceptable entry (a model that cannot
+follow the format), the run stops too, rather than walking the whole vocabulary in vain.
+
+The API key is passed in by the caller and only ever handed to the ``openai`` client. Messages
+carry no server text except a refusal's error message, and that goes through :func:`redact`
+first, because servers echo keys in their error messages ("Incorrect API key provided: ...").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import re
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .contexts import (
+    Exemplar,
+    ExemplarError,
+    LEVELS,
+    Vocabulary,
+    default_seeds_path,
+    load_library,
+    load_vocabulary,
+    make_exemplar,
+    object_key,
+    validate_exemplar,
+)
+from .errors import CoresError
+
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
+NO_KEY_PLACEHOLDER = "no-key-needed"  # sent to local servers when OPENAI_API_KEY is unset
+
+SYSTEM_PROMPT = """\
+You write short text examples that teach an image segmentation assistant to reason from \
+where an object appears to what it looks like. For every object you are given, write:
+- "appears_on": the larger thing or scene it typically appears on, as a noun phrase that \
+completes "It appears on ..." (for a dog paw: "the end of each leg").
+- "location": where it lies in a typical photo, as a phrase that completes "It is located ..." \
+and opens with a preposition (for a dog paw: "at the bottom of the animal, where it touches the ground").
+- "appearance": its intrinsic look (shape, colour, material, texture), as a phrase that \
+completes "It is ..." (for a dog paw: "tough and cushioned with pads and claws").
+Rules: never use the object's own name or its main noun, in singular or plural, in any of the \
+three fields; each field is one clause under 120 characters, starting in lower case, without a \
+final period; use accurate common knowledge. Reply with JSON only, in the form \
+{"exemplars": [{"object": "...", "appears_on": "...", "location": "...", "appearance": "..."}]}, \
+one entry per requested object, objects spelled exactly as requested."""
+
+
+@dataclass
+class BuildOptions:
+    """What ``cores build-context`` exposes; the defaults are the command's defaults."""
+
+    n: int
+    out: Path
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    temperature: float = 0.7
+    concurrency: int = 4
+    batch_size: int = 5  # objects per request: fewer prompt tokens per exemplar than one by one
+    timeout: float = 60.0  # seconds per request
+    retries: int = 5  # retries of one request on 429, 5xx, timeouts, connection errors
+    backoff: float = 1.0  # first back-off delay in seconds, doubled on each retry
+    max_backoff: float = 60.0
+    max_failed_requests: int = 10
+    max_barren_replies: int = 20  # stop after this many replies in a row with nothing accepted
+    object_attempts: int = 3  # an object whose entries keep being rejected is dropped after this
+    few_shot: int = 4  # seed exemplars shown per request
+    json_mode: bool = True  # ask for response_format=json_object (some local servers lack it)
+    seed: int = 0
+    vocabulary: Path | None = None
+    seeds: Path | None = None
+
+
+@dataclass
+class BuildProgress:
+    """Reported after every finished request (for a progress bar)."""
+
+    done: int  # valid unique entries in the file
+    target: int
+    accepted: int
+    rejected: int
+    failed: int
+
+
+@dataclass
+class BuildSummary:
+    """What a run did, for the summary table, ``--json`` and the exit status."""
+
+    target: int
+    out: str
+    model: str
+    existing: int = 0  # valid unique entries already in the file at start
+    accepted: int = 0  # entries appended by this run
+    requests: int = 0  # HTTP requests sent, retries included
+    rejected: Counter[str] = field(default_factory=Counter)  # entries (or whole replies) by reason
+    failed: Counter[str] = field(default_factory=Counter)  # requests that failed for good, by last error
+    retried: Counter[str] = field(default_factory=Counter)  # attempts retried after a transient error, by error
+    dropped_objects: int = 0  # objects given up after object_attempts rejected tries
+    torn_tail_removed: bool = False
+    stop_reason: str | None = None
+
+    @property
+    def total(self) -> int:
+        return self.existing + self.accepted
+
+    @property
+    def complete(self) -> bool:
+        return self.total >= self.target
+
+    def message(self) -> str:
+        """One line: what was reached and, if short of the target, why."""
+        if self.complete:
+            return f"{self.out} holds {self.total}/{self.target} exemplars ({self.accepted} new)"
+        return f"stopped at {self.total}/{self.target}: {self.stop_reason or 'unknown reason'}"
+
+    def to_dict(self) -> dict:
+        # not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs and counts the pairs
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("rejected", "failed", "retried"):
+            d[k] = dict(sorted(d[k].items()))
+        d.update(total=self.total, complete=self.complete, message=self.message())
+        return d
+
+
+class RequestFailed(Exception):
+    """A request that failed for good; ``fatal`` when retrying or asking again cannot help."""
+
+    def __init__(self, reason: str, fatal: bool = False, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fatal = fatal
+        self.detail = detail
+
+
+# ---- key and redaction ----------------------------------------------------------------------
+
+
+def is_local_url(url: str | None) -> bool:
+    return bool(url) and (urlsplit(url).hostname or "") in LOCAL_HOSTS
+
+
+def resolve_api_key(base_url: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The key from ``OPENAI_API_KEY`` only (never an option: options end up in shell history
+    and process lists). Local servers (vLLM, llama.cpp, Ollama on localhost) rarely check keys,
+    so there a missing key is replaced by a placeholder instead of being an error."""
+    key = environ.get("OPENAI_API_KEY", "").strip()
+    if key:
+        return key
+    effective = base_url or environ.get("OPENAI_BASE_URL")
+    if is_local_url(effective):
+        return NO_KEY_PLACEHOLDER
+    raise CoresError(
+        "OPENAI_API_KEY is not set: export it before running build-context "
+        "(the key is read from the environment only and never written anywhere)"
+    )
+
+
+_SK_TOKEN = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{4,}")
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Remove the key, and anything shaped like an OpenAI key, from a message."""
+    if secret and secret != NO_KEY_PLACEHOLDER:
+        text = text.replace(secret, "***")
+    return _SK_TOKEN.sub("***", text)
+
+
+def safe_url(url: str | None) -> str:
+    """A base URL without user info, query or fragment, fit for messages."""
+    if not url:
+        return "the OpenAI API"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+# ---- resume and append ----------------------------------------------------------------------
+
+
+def repair_torn_tail(path: Path) -> bool:
+    """Cut a last line that lacks its newline (a torn write); return whether one was cut."""
+    if not path.is_file():
+        return False
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if not data or data.endswith(b"\n"):
+            return False
+        fh.truncate(data.rfind(b"\n") + 1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def read_existing(path: Path) -> list[Exemplar]:
+    """The entries of an existing output file (all of its complete lines must be valid)."""
+    if not path.is_file() or not path.read_text(encoding="utf-8").strip():
+        return []
+    try:
+        return load_library(path)
+    except CoresError as exc:
+        raise CoresError(f"{exc}; fix or remove that line, then run again to resume") from None
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one whole line with a single write, then fsync (see module docstring)."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # a short write on a regular file means the disk is full
+            raise CoresError(f"could not write to {path} (disk full?)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- prompt and reply -----------------------------------------------------------------------
+
+
+def build_messages(objects: list[str], shots: list[Exemplar]) -> list[dict[str, str]]:
+    """System rules, one worked example turn made of seed exemplars, then the request."""
+    example = {"exemplars": [{"object": s.object, **{f: getattr(s, f) for f in LEVELS}} for s in shots]}
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    if shots:
+        messages.append({"role": "user", "content": json.dumps({"objects": [s.object for s in shots]})})
+        messages.append({"role": "assistant", "content": json.dumps(example, ensure_ascii=False)})
+    messages.append({"role": "user", "content": json.dumps({"objects": objects}, ensure_ascii=False)})
+    return messages
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
+
+
+def parse_reply(content: str | None) -> list[object]:
+    """The entries of a reply: ``{"exemplars": [...]}``, a bare list, or one entry object."""
+    if not content or not content.strip():
+        raise ExemplarError("empty reply", "the reply is empty")
+    m = _FENCE.match(content)
+    text = m.group(1) if m else content
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ExemplarError("malformed JSON", f"the reply is not JSON ({exc.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("exemplars"), list):
+        return data["exemplars"]
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and "object" in data:
+        return [data]
+    raise ExemplarError("malformed JSON", "the reply is JSON but holds no 'exemplars' list")
+
+
+def entry_to_exemplar(entry: object, requested: Mapping[str, str], source: str) -> Exemplar:
+    """Validate one returned entry for one of the requested objects (keys of ``requested``)."""
+    if not isinstance(entry, dict):
+        raise ExemplarError("not an object", "an entry is not a JSON object")
+    obj = entry.get("object")
+    if not isinstance(obj, str) or not obj.strip():
+        raise ExemplarError("missing field", "an entry has no 'object'")
+    key = object_key(obj)
+    if key not in requested:
+        raise ExemplarError("not requested", f"{obj!r} was not asked for")
+    for f in LEVELS:
+        if not isinstance(entry.get(f), str) or not entry[f].strip():
+            raise ExemplarError("missing field", f"entry for {obj!r} has no {f!r}")
+    ex = make_exemplar(requested[key], entry["appears_on"], entry["location"], entry["appearance"], source)
+    return validate_exemplar(asdict(ex))
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+def backoff_delay(attempt: int, options: BuildOptions, retry_after: float | None, rng: random.Random) -> float:
+    """Exponential back-off with jitter, or the server's Retry-After, capped by max_backoff."""
+    if retry_after is not None and retry_after >= 0:
+        return min(retry_after, options.max_backoff)
+    base = min(options.backoff * (2**attempt), options.max_backoff)
+    return base * (0.5 + 0.5 * rng.random())
+
+
+def _retry_after(exc: Exception) -> float | None:
+    response = getattr(exc, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def call_with_retries(
+    client,
+    request: dict,
+    options: BuildOptions,
+    on_attempt: Callable[[str | None, bool], None],
+    rng: random.Random,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str | None:
+    """One chat completion, retried on transient errors; returns the reply's content.
+
+    ``on_attempt(reason, will_retry)`` is called after every attempt with the transient error's
+    reason (None on success) and whether another attempt follows, so the caller can count
+    requests and retries.
+    """
+    import openai
+
+    for attempt in range(options.retries + 1):
+        retry_after: float | None = None
+        try:
+            response = client.chat.completions.create(**request)
+        except openai.APITimeoutError:
+            reason = "timeout"
+        except openai.APIConnectionError:
+            reason = "connection error"
+        except openai.APIStatusError as exc:
+            code = exc.status_code
+            if code != 429 and code < 500:
+                on_attempt(None, False)
+                raise RequestFailed(f"HTTP {code}", fatal=True, detail=_error_detail(exc)) from None
+            reason, retry_after = f"HTTP {code}", _retry_after(exc)
+        else:
+            on_attempt(None, False)
+            choices = getattr(response, "choices", None) or []
+            return choices[0].message.content if choices else None
+        on_attempt(reason, attempt < options.retries)
+        if attempt == options.retries:
+            raise RequestFailed(reason)
+        sleep(backoff_delay(attempt, options, retry_after, rng))
+    raise AssertionError("unreachable")
+
+
+def _error_detail(exc: Exception) -> str:
+    body = getattr(exc, "body", None)
+    message = body.get("message") if isinstance(body, dict) else None
+    if not isinstance(message, str):
+        message = getattr(exc, "message", "") or ""
+    return " ".join(str(message).split())[:200]
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def candidate_objects(vocabulary: Vocabulary, exclude: set[str], seed: int) -> list[str]:
+    """Objects to ask for: each dataset's phrases shuffled, then dealt round-robin across
+    datasets so that any prefix of the list covers all of them about evenly."""
+    rng = random.Random(seed)
+    per_dataset = []
+    for ds in vocabulary.datasets:
+        phrases = vocabulary.objects(ds)
+        rng.shuffle(phrases)
+        per_dataset.append(deque(phrases))
+    out: list[str] = []
+    seen = set(exclude)
+    while any(per_dataset):
+        for d in per_dataset:
+            if d:
+                phrase = d.popleft()
+                if object_key(phrase) not in seen:
+                    seen.add(object_key(phrase))
+                    out.append(phrase)
+    return out
+
+
+@dataclass
+class _Job:
+    objects: list[str]
+    messages: list[dict[str, str]]
+
+
+@dataclass
+class _Result:
+    job: _Job
+    content: str | None = None
+    error: RequestFailed | None = None
+
+
+def build_context(
+    options: BuildOptions,
+    api_key: str,
+    on_progress: Callable[[BuildProgress], None] | None = None,
+) -> BuildSummary:
+    """Grow ``options.out`` to ``options.n`` valid, unique exemplars; see the module docstring.
+
+    Returns the summary whether or not the target was reached; raises :class:`CoresError` for
+    problems found before any request (bad files, an unreachable ``n``).
+    """
+    _check_options(options, api_key)
+    out = Path(options.out)
+    summary = BuildSummary(target=options.n, out=str(out), model=options.model)
+    vocabulary = load_vocabulary(options.vocabulary)
+    seeds = load_library(options.seeds or default_seeds_path())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary.torn_tail_removed = repair_torn_tail(out)
+    keys = {object_key(e.object) for e in read_existing(out)}
+    summary.existing = len(keys)
+    need = options.n - summary.existing
+    if need <= 0:
+        return summary
+    pool = deque(candidate_objects(vocabulary, keys, options.seed))
+    if len(pool) < need:
+        raise CoresError(
+            f"--n {options.n} needs {need} more exemplars but only {len(pool)} vocabulary objects are not in "
+            f"{out} yet (one exemplar per object); lower --n or give a larger --vocabulary"
+        )
+    runner = _Runner(options, api_key, _make_client(options, api_key), seeds, summary, keys, pool, on_progress)
+    runner.run()
+    return summary
+
+
+def _check_options(options: BuildOptions, api_key: str) -> None:
+    if options.n < 1:
+        raise CoresError("--n must be at least 1")
+    for name in ("concurrency", "batch_size", "max_failed_requests", "max_barren_replies", "object_attempts"):
+        if getattr(options, name) < 1:
+            raise CoresError(f"--{name.replace('_', '-')} must be at least 1")
+    if options.retries < 0 or options.timeout <= 0 or options.backoff < 0:
+        raise CoresError("--retries and --backoff must be ≥ 0 and --timeout > 0")
+    if api_key and api_key != NO_KEY_PLACEHOLDER and api_key in options.model:
+        raise CoresError("--model holds the API key; pass the model name only")
+
+
+def _make_client(options: BuildOptions, api_key: str):
+    import openai
+
+    return openai.OpenAI(api_key=api_key, base_url=options.base_url, timeout=options.timeout, max_retries=0)
+
+
+class _Runner:
+    """The request loop: daemon worker threads do HTTP, this thread validates and writes.
+
+    Daemon threads (rather than a ThreadPoolExecutor, whose threads are joined at exit) let
+    Ctrl-C end the process at once; the file is whole-lines-only at every instant anyway.
+    """
+
+    def __init__(self, options, api_key, client, seeds, summary, keys, pool, on_progress) -> None:
+        self.o: BuildOptions = options
+        self.key: str = api_key
+        self.client = client
+        self.seeds: list[Exemplar] = seeds
+        self.s: BuildSummary = summary
+        self.keys: set[str] = keys
+        self.pool: deque[str] = pool
+        self.on_progress = on_progress
+        self.tries: Counter[str] = Counter()
+        self.rng = random.Random(options.seed)
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.results: queue.Queue[_Result] = queue.Queue()
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.in_flight_objects = 0
+        self.failed_requests = 0
+        self.barren_replies = 0  # consecutive replies without an accepted entry
+        self.stop_reason: str | None = None
+
+    def run(self) -> None:
+        workers = [threading.Thread(target=self._work, daemon=True) for _ in range(self.o.concurrency)]
+        for w in workers:
+            w.start()
+        try:
+            self._submit()
+            while self.in_flight:
+                result = self.results.get()
+                self.in_flight -= 1
+                self.in_flight_objects -= len(result.job.objects)
+                self._handle(result)
+                self._report()
+                if self.s.complete or self.stop_reason:
+                    continue  # no new work: let the requests in flight finish
+                self._submit()
+        finally:
+            for _ in workers:
+                self.jobs.put(None)
+        if not self.s.complete:
+            self.s.stop_reason = self.stop_reason or self._exhausted_reason()
+
+    def _submit(self) -> None:
+        while self.in_flight < self.o.concurrency and self.pool and not self.stop_reason:
+            room = self.s.target - self.s.total - self.in_flight_objects  # never ask beyond n
+            if room <= 0:
+                return
+            count = min(self.o.batch_size, room, len(self.pool))
+            objects = [self.pool.popleft() for _ in range(count)]
+            shots = self.rng.sample(self.seeds, min(self.o.few_shot, len(self.seeds)))
+            self.jobs.put(_Job(objects, build_messages(objects, shots)))
+            self.in_flight += 1
+            self.in_flight_objects += count
+
+    def _work(self) -> None:
+        rng = random.Random()
+        while (job := self.jobs.get()) is not None:
+            request = dict(model=self.o.model, messages=job.messages, temperature=self.o.temperature)
+            if self.o.json_mode:
+                request["response_format"] = {"type": "json_object"}
+            try:
+                content = call_with_retries(self.client, request, self.o, self._count_attempt, rng)
+                self.results.put(_Result(job, content=content))
+            except RequestFailed as exc:
+                self.results.put(_Result(job, error=exc))
+            except Exception as exc:  # noqa: BLE001 - any client bug must reach the main thread
+                self.results.put(_Result(job, error=RequestFailed(f"client error ({type(exc).__name__})")))
+
+    def _count_attempt(self, reason: str | None, will_retry: bool) -> None:
+        with self.lock:
+            self.s.requests += 1
+            if reason and will_retry:
+                self.s.retried[reason] += 1
+
+    def _handle(self, result: _Result) -> None:
+        job = result.job
+        if result.error is not None:
+            err = result.error
+            self.s.failed[err.reason] += 1
+            self.failed_requests += 1
+            self.pool.extend(job.objects)  # not the objects' fault: ask again later
+            if err.fatal:
+                detail = f": {err.detail}" if err.detail else ""
+                self.stop_reason = redact(
+                    f"{safe_url(self.o.base_url)} refused the request ({err.reason}{detail}); "
+                    "check OPENAI_API_KEY, --model and --base-url",
+                    self.key,
+                )
+            elif self.failed_requests >= self.o.max_failed_requests:
+                retries = f"{self.o.retries} {'retry' if self.o.retries == 1 else 'retries'}"
+                self.stop_reason = f"{self.failed_requests} requests failed after {retries} ({_counts(self.s.failed)})"
+            return
+        requested = {object_key(o): o for o in job.objects}
+        accepted: set[str] = set()
+        try:
+            entries = parse_reply(result.content)
+        except ExemplarError as exc:
+            self.s.rejected[exc.reason] += 1
+            entries = []
+        for entry in entries:
+            self._take(entry, requested, accepted)
+        self.barren_replies = 0 if accepted else self.barren_replies + 1
+        if self.barren_replies >= self.o.max_barren_replies and not self.stop_reason:
+            # a model that never gets the format right would otherwise walk the whole vocabulary
+            self.stop_reason = (
+                f"{self.barren_replies} replies in a row had no acceptable entry ({_counts(self.s.rejected)})"
+            )
+        for key, phrase in requested.items():
+            if key not in accepted and key not in self.keys:
+                self.tries[key] += 1
+                if self.tries[key] < self.o.object_attempts:
+                    self.pool.append(phrase)
+                else:
+                    self.s.dropped_objects += 1
+
+    def _take(self, entry: object, requested: dict[str, str], accepted: set[str]) -> None:
+        obj = entry.get("object") if isinstance(entry, dict) else None
+        if isinstance(obj, str) and object_key(obj) in self.keys:
+            self.s.rejected["duplicate"] += 1
+            return
+        try:
+            ex = entry_to_exemplar(entry, requested, self.o.model)
+        except ExemplarError as exc:
+            self.s.rejected[exc.reason] += 1
+            return
+        key = object_key(ex.object)
+        append_line(Path(self.o.out), ex.to_json())
+        self.keys.add(key)
+        accepted.add(key)
+        self.s.accepted += 1
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(
+                BuildProgress(
+                    done=self.s.total,
+                    target=self.s.target,
+                    accepted=self.s.accepted,
+                    rejected=sum(self.s.rejected.values()),
+                    failed=sum(self.s.failed.values()),
+                )
+            )
+
+    def _exhausted_reason(self) -> str:
+        parts = [f"ran out of objects to ask for: {self.s.dropped_objects} were rejected {self.o.object_attempts} times"]
+        if self.s.rejected:
+            parts.append(f"rejections: {_counts(self.s.rejected)}")
+        return "; ".join(parts)
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in counter.most_common())
