@@ -140,7 +140,7 @@ class BuildSummary:
     def message(self) -> str:
         """One line: what was reached and, if short of the target, why."""
         if self.complete:
-            return f"{self.out} holds {self.total}/{self.target} exemplars ({self.accepted} new)"
+            return f"{self.out} holds {self.total} exemplars, {self.target} asked ({self.accepted} new)"
         return f"stopped at {self.total}/{self.target}: {self.stop_reason or 'unknown reason'}"
 
     def to_dict(self) -> dict:
@@ -551,7 +551,7 @@ class _Runner:
                 )
             elif self.failed_requests >= self.o.max_failed_requests:
                 retries = f"{self.o.retries} {'retry' if self.o.retries == 1 else 'retries'}"
-                self.stop_reason = f"{self.failed_requests} requests failed after {retries} ({_counts(self.s.failed)})"
+                self.stop_reason = f"{self.failed_requests} requests failed after {retries} ({format_counts(self.s.failed)})"
             return
         requested = {object_key(o): o for o in job.objects}
         accepted: set[str] = set()
@@ -566,7 +566,7 @@ class _Runner:
         if self.barren_replies >= self.o.max_barren_replies and not self.stop_reason:
             # a model that never gets the format right would otherwise walk the whole vocabulary
             self.stop_reason = (
-                f"{self.barren_replies} replies in a row had no acceptable entry ({_counts(self.s.rejected)})"
+                f"{self.barren_replies} replies in a row had no acceptable entry ({format_counts(self.s.rejected)})"
             )
         for key, phrase in requested.items():
             if key not in accepted and key not in self.keys:
@@ -607,9 +607,10 @@ class _Runner:
     def _exhausted_reason(self) -> str:
         parts = [f"ran out of objects to ask for: {self.s.dropped_objects} were rejected {self.o.object_attempts} times"]
         if self.s.rejected:
-            parts.append(f"rejections: {_counts(self.s.rejected)}")
+            parts.append(f"rejections: {format_counts(self.s.rejected)}")
         return "; ".join(parts)
 
 
-def _counts(counter: Counter[str]) -> str:
+def format_counts(counter: Counter[str]) -> str:
+    """``reason: count`` pairs, most frequent first, for messages and the summary table."""
     return ", ".join(f"{reason}: {count}" for reason, count in counter.most_common())

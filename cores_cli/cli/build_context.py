@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import typer
@@ -11,7 +10,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..context_build import BuildOptions, BuildProgress, BuildSummary, build_context as run_build, resolve_api_key
+from ..context_build import (
+    BuildOptions,
+    BuildProgress,
+    BuildSummary,
+    format_counts,
+    resolve_api_key,
+)
+from ..context_build import build_context as run_build
 from .common import clean_errors, err_console, fail, stdout_line
 
 
@@ -104,10 +110,10 @@ def _summary_table(s: BuildSummary) -> Table:
     table.add_column("reasons")
     rows = [
         ("already in file", s.existing, "torn last line removed" if s.torn_tail_removed else ""),
-        ("accepted", s.accepted, f"now {s.total}/{s.target}"),
-        ("rejected", sum(s.rejected.values()), _reasons(s.rejected)),
-        ("failed requests", sum(s.failed.values()), _reasons(s.failed)),
-        ("retries", sum(s.retried.values()), _reasons(s.retried)),
+        ("accepted", s.accepted, f"total {s.total}, target {s.target}"),
+        ("rejected", sum(s.rejected.values()), format_counts(s.rejected)),
+        ("failed requests", sum(s.failed.values()), format_counts(s.failed)),
+        ("retries", sum(s.retried.values()), format_counts(s.retried)),
         ("objects dropped", s.dropped_objects, "rejected on every try" if s.dropped_objects else ""),
         ("HTTP requests", s.requests, ""),
     ]
@@ -115,6 +121,3 @@ def _summary_table(s: BuildSummary) -> Table:
         table.add_row(label, str(count), Text(reasons))  # Text: reasons are data, not markup
     return table
 
-
-def _reasons(counter: Counter[str]) -> str:
-    return ", ".join(f"{reason} ×{count}" for reason, count in counter.most_common())
