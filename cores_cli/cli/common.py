@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import CoresError
 
@@ -20,7 +21,8 @@ err_console = Console(stderr=True, highlight=False)
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print ``error: message`` on one line of stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    # Messages quote user text and chain tokens like [SEG]: never read them as Rich markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -41,7 +43,7 @@ def clean_errors(fn: F) -> F:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", markup=True, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, soft_wrap=True)
 
 
 def stdout_line(text: str) -> None:

@@ -105,7 +105,7 @@ def predict(
                 record = run_job(predictor, job, out, namer(job), mode.value, style.value, max_pixels, model_info)
             except CoresError as exc:
                 failed.append(job)
-                err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+                fail(str(exc))
                 if json_out:
                     stdout_line(json.dumps({"image": job.image, "id": job.id, "error": str(exc)}))
             else:
