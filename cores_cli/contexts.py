@@ -315,7 +315,15 @@ class ExemplarSampler:
         if not library:
             raise CoresError("the context library is empty")
         self.library = library
+        self.seed = seed
         self.rng = random.Random(seed)
+
+    def sample_for(self, key: str, k: int) -> list[Exemplar]:
+        """A draw that depends only on ``key`` and the sampler's seed (string seeding is
+        deterministic across runs and processes), not on what was drawn before."""
+        if k <= 0:
+            return []
+        return random.Random(f"{self.seed}:{key}").sample(self.library, min(k, len(self.library)))
 
     def sample(self, k: int) -> list[Exemplar]:
         if k <= 0:

@@ -60,3 +60,28 @@ def bbox(mask: np.ndarray) -> dict[str, int] | None:
         return None
     x0, y0 = int(xs.min()), int(ys.min())
     return {"x": x0, "y": y0, "width": int(xs.max()) - x0 + 1, "height": int(ys.max()) - y0 + 1}
+
+
+GT_COLOUR = (255, 40, 40)
+
+
+def comparison(pixels: np.ndarray, pred: np.ndarray, target: np.ndarray, caption: str) -> np.ndarray:
+    """The prediction filled (green), the ground truth outlined (red), ignore pixels (255)
+    greyed, and a caption: for looking at what went wrong on a sample."""
+    out = pixels.copy()
+    ignore = target == 255
+    out[ignore] = (out[ignore] * 0.4 + 80).astype(np.uint8)
+    out = overlay(out, [pred.astype(bool)], ["prediction"])
+    h, w = out.shape[:2]
+    _outline(out, target == 1, GT_COLOUR, max(1, round(max(h, w) / 300)))
+    _legend_line(out, caption)
+    return out
+
+
+def _legend_line(img: np.ndarray, text: str) -> None:
+    h, w = img.shape[:2]
+    scale = max(0.35, min(h, w) / 900) * 0.6
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    y = h - 6
+    cv2.rectangle(img, (4, y - th - 4), (8 + tw, y + base), (0, 0, 0), -1)
+    cv2.putText(img, text, (6, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)

@@ -25,7 +25,7 @@ def test_each_subcommand_has_its_own_help_with_an_example(name):
     assert "Example" in result.stdout and f"cores {name}" in result.stdout
 
 
-@pytest.mark.parametrize("name,args,issue", [("train", ["--gpus", "0"], 4), ("eval", ["--dataset", "synthetic:val"], 3), ("make-reasonpart", ["--source", "partimagenet", "--ann", "a.json", "--images", "i", "--out", "o"], 6)])
+@pytest.mark.parametrize("name,args,issue", [("make-reasonpart", ["--source", "partimagenet", "--ann", "a.json", "--images", "i", "--out", "o"], 6)])
 def test_placeholder_commands_exit_nonzero_with_one_line(name, args, issue):
     result = runner.invoke(app, [name, *args])
     assert result.exit_code == 1

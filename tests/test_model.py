@@ -237,7 +237,7 @@ def test_chain_count_must_match_targets():
 
     model = build_tiny()
     batch = make_batch(model, [scene_sample("a", 0, rounds=2)])
-    batch.target_image_index = batch.target_image_index[:1]
+    batch.target_row_index = batch.target_row_index[:1]
     with pytest.raises(CoresError, match="2 complete chains in the text but 1 targets"):
         model(batch)
 

@@ -1,23 +1,134 @@
-"""`cores eval`: gIoU / cIoU / mIoU on a named dataset, LISA's protocol."""
+"""`cores eval`: gIoU / cIoU / mIoU on a named dataset, LISA's protocol, printed with it."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import typer
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
-from .common import clean_errors
-from .not_yet import not_yet
+from ..errors import CoresError
+from ..runtime import resolve_device, resolve_dtype
+from .common import clean_errors, err_console, fail, stdout_line, warn
+
+
+def _reader_options(opts: list[str], queries: str | None) -> dict:
+    out = {}
+    for item in opts:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CoresError(f"--opt {item!r} is not of the form key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    if queries is not None:
+        out["queries"] = queries
+    return out
+
+
+def _relaunch(gpus: int, argv: list[str]) -> int:
+    """Run this same command in ``gpus`` processes through torchrun (one per GPU, or CPU
+    processes with gloo when there is no GPU)."""
+    args = [a for i, a in enumerate(argv) if a != "--gpus" and (i == 0 or argv[i - 1] != "--gpus") and not a.startswith("--gpus=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "cores_cli", *args]
+    return subprocess.call(cmd)
 
 
 @clean_errors
 def evaluate(
-    dataset: str = typer.Option(..., "--dataset", help="e.g. reasonseg:val, refcoco:unc:val, synthetic:val."),
-    data_root: Path = typer.Option(None, "--data-root", help="Folder holding the datasets in LISA's layout."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="A cores checkpoint directory."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="reasonseg:val, reasonseg:test:short|long, refcoco:unc:val, refcocog:umd:test, partimagenet:val, pascalpart:val, synthetic:val, ..."),
+    data_root: Path = typer.Option(None, "--data-root", help="Folder holding the datasets in LISA's layout (not needed for synthetic:*)."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory."),
+    preset: str = typer.Option(None, "--preset", help="Evaluate a preset with RANDOM weights (a smoke run of the protocol)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a model setting, e.g. --set prompt.in_context_k=0 (repeatable)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass (teacher-forced mode)."),
+    generate: bool = typer.Option(False, "--generate", help="Let the model write each answer (one query at a time) instead of the fixed template."),
+    queries: str = typer.Option(None, "--queries", help="ReasonSeg/synthetic: 'first' query per image (LISA's protocol, the default on val/test) or 'all'."),
+    opt: list[str] = typer.Option([], "--opt", help="Reader option key=value, e.g. --opt n=50 for synthetic, --opt skip_missing=true (repeatable)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Evaluate only the first N samples."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the metrics and protocol as JSON here, and the per-target JSONL beside it."),
+    per_sample: Path = typer.Option(None, "--per-sample", help="Per-target JSONL path (default: OUTPUT with .samples.jsonl)."),
+    save_vis: int = typer.Option(0, "--save-vis", min=0, help="Save overlays of the N lowest-IoU targets."),
+    vis_dir: Path = typer.Option(None, "--vis-dir", help="Folder for --save-vis (default: beside OUTPUT)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics and protocol as one JSON object on stdout."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Processes to evaluate in (one per GPU; CPU processes when there is no GPU), via torchrun."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the per-query in-context exemplar draw."),
+    context_library: Path = typer.Option(None, "--context-library", help="Exemplar library (JSONL); default: the model's, else the shipped one."),
 ) -> None:
-    """Evaluate a checkpoint and print the metrics with the protocol used.
+    """Evaluate a checkpoint on a dataset and print gIoU, cIoU (and by target size), with the
+    protocol that produced them.
 
-    Example: cores eval --dataset reasonseg:val --data-root ./dataset --checkpoint runs/cores-7b
+    \b
+    Example:
+      cores eval --dataset reasonseg:val --data-root ./dataset --checkpoint runs/cores-7b -o val.json
+      cores eval --dataset synthetic:val --checkpoint runs/tiny --save-vis 8 -o synth.json
+      cores eval --dataset refcoco:unc:val --data-root ./dataset -c runs/cores-7b --gpus 8
+
+    Each query is asked on its own (LISA's protocol); ReasonSeg val/test use the first query of
+    each image unless --queries all. Target pixels marked ignore (255) count in neither
+    intersection nor union.
     """
-    not_yet("eval", 3)
+    from ..engine.eval_run import EvalRequest, init_distributed_from_env, run_eval
+    from ..engine.loading import load_for_inference
+
+    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise typer.Exit(_relaunch(gpus, sys.argv[1:]))
+    req = EvalRequest(
+        dataset=dataset,
+        data_root=data_root,
+        reader_options=_reader_options(opt, queries),
+        batch_size=batch_size,
+        mode="generate" if generate else "teacher",
+        seed=seed,
+        limit=limit,
+        output=output,
+        per_sample=per_sample,
+        save_vis=save_vis,
+        vis_dir=vis_dir,
+        context_library=context_library,
+    )
+    dev = init_distributed_from_env(device) or resolve_device(device)
+    main = int(os.environ.get("RANK", "0")) == 0
+    loaded = load_for_inference(checkpoint, preset, list(set_), dev, resolve_dtype(dtype, dev), seed)
+    if loaded.random_weights and main:
+        warn(f"{loaded.source}: the numbers only exercise the protocol")
+
+    with Progress(TextColumn("evaluating {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not main) as bar:
+        def factory(total: int):
+            task = bar.add_task(dataset, total=total)
+            return lambda n: bar.advance(task, n)
+
+        result, proto = run_eval(req, loaded, factory)
+    if not main:
+        return
+    if json_out:
+        stdout_line(json.dumps({"dataset": dataset, "protocol": proto, "metrics": result.metrics}))
+    _print_table(result.metrics, proto, loaded.source)
+    if output is not None:
+        err_console.print(f"wrote {output} and its per-target records")
+
+
+def _print_table(metrics: dict, proto: dict, source: str) -> None:
+    table = Table(title=f"{proto['dataset']}: {source}", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("targets", justify="right")
+
+    def fmt(v):
+        return "—" if v is None else f"{100 * v:.2f}"
+
+    table.add_row("gIoU", fmt(metrics.get("giou")), str(metrics.get("n")))
+    table.add_row("cIoU", fmt(metrics.get("ciou")), str(metrics.get("n")))
+    for b, name in (("s", "small"), ("m", "medium"), ("l", "large")):
+        table.add_row(f"cIoU_{b} ({name})", fmt(metrics.get(f"ciou_{b}")), str(metrics.get(f"n_{b}")))
+    if metrics.get("miou") is not None:
+        table.add_row("mIoU", fmt(metrics["miou"]), "")
+    err_console.print(table)
+    for key in ("what", "mode", "samples", "in_context_k", "chain", "threshold", "processes", "seed"):
+        err_console.print(f"  {key}: {proto[key]}", markup=False, highlight=False)

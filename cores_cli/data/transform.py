@@ -10,6 +10,7 @@ background in training, as in LISA; evaluation compares at the original size ins
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -82,6 +83,13 @@ def clip_image(pixels: np.ndarray, size: int, mean: tuple[float, ...], std: tupl
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def sample_pixels(sample: SegSample, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A record's image as upright uint8 (H, W, 3): in memory, or read from its path."""
+    if sample.image_array is not None:
+        return np.asarray(sample.image_array, dtype=np.uint8)
+    return load_image(sample.image_path, max_pixels).pixels
+
+
 @dataclass
 class EncodedSample:
     sample_id: str
@@ -100,6 +108,8 @@ class EncodedSample:
     exemplars_used: int = 0
     query_truncated: bool = False
     meta: dict = field(default_factory=dict)
+    image_key: str = ""
+    """Rows with the same non-empty key share one image (one SAM encoder pass); "" = own image."""
 
 
 class SampleTransform:
@@ -127,19 +137,45 @@ class SampleTransform:
         self.max_pixels = max_pixels
 
     def pixels(self, sample: SegSample) -> np.ndarray:
-        if sample.image_array is not None:
-            return np.asarray(sample.image_array, dtype=np.uint8)
-        return load_image(sample.image_path, self.max_pixels).pixels
+        return sample_pixels(sample, self.max_pixels)
 
-    def __call__(self, sample: SegSample, pixels: np.ndarray | None = None, generate: bool = False) -> EncodedSample:
+    def __call__(self, sample: SegSample, pixels: np.ndarray | None = None, generate: bool = False, exemplar_key: str | None = None) -> EncodedSample:
+        """Encode all rounds of ``sample`` as one conversation.
+
+        ``exemplar_key`` makes the exemplar draw a function of that key alone (evaluation: the
+        same exemplars for a query whatever the batch order or the number of processes).
+        """
         pixels = self.pixels(sample) if pixels is None else pixels
+        s_img, input_size = sam_image(pixels, self.cfg.sam.image_size)
+        c_img = self._clip(pixels)
+        return self._encode(sample, pixels, s_img, c_img, input_size, generate, exemplar_key)
+
+    def per_round(self, sample: SegSample, pixels: np.ndarray | None = None) -> list[EncodedSample]:
+        """One single-question conversation per round, all sharing one image (LISA's
+        evaluation: each sentence is asked on its own)."""
+        pixels = self.pixels(sample) if pixels is None else pixels
+        s_img, input_size = sam_image(pixels, self.cfg.sam.image_size)
+        c_img = self._clip(pixels)
+        out = []
+        for i, r in enumerate(sample.rounds):
+            one = dataclasses.replace(sample, sample_id=f"{sample.sample_id}#{i}", rounds=(r,))
+            enc = self._encode(one, pixels, s_img, c_img, input_size, False, one.sample_id)
+            enc.image_key = sample.sample_id
+            out.append(enc)
+        return out
+
+    def _clip(self, pixels: np.ndarray) -> torch.Tensor:
+        m = self.cfg.mllm
+        return clip_image(pixels, self.clip_size, m.image_mean, m.image_std, m.image_mode)
+
+    def _encode(self, sample, pixels, s_img, c_img, input_size, generate, exemplar_key) -> EncodedSample:
         cfg = self.cfg
-        s_img, input_size = sam_image(pixels, cfg.sam.image_size)
-        c_img = clip_image(pixels, self.clip_size, cfg.mllm.image_mean, cfg.mllm.image_std, cfg.mllm.image_mode)
         questions = [format_question(r.query, r.style) for r in sample.rounds]
         answers = None if generate else pick_answers(cfg.chain, len(questions), self.rng, cfg.prompt.answer_template)
         k = cfg.prompt.in_context_k
-        exemplars = self.sampler.sample(k) if (self.sampler is not None and k > 0) else []
+        exemplars = []
+        if self.sampler is not None and k > 0:
+            exemplars = self.sampler.sample_for(exemplar_key, k) if exemplar_key is not None else self.sampler.sample(k)
         enc = self.encoder.encode(questions, answers, exemplars, sample.sample_id)
         targets = None
         if self.with_targets and not generate:
@@ -170,20 +206,22 @@ class SampleTransform:
 
 @dataclass
 class Batch:
-    """A collated batch. B images, L tokens, N targets (one per chain / QA round)."""
+    """A collated batch. B sequences, L tokens, I distinct images, N targets (one per chain)."""
 
     sam_images: torch.Tensor
-    """(B, 3, S, S) float."""
+    """(I, 3, S, S) float: each distinct image once (I ≤ B)."""
     clip_images: torch.Tensor
-    """(B, 3, C, C) float."""
+    """(B, 3, C, C) float: per sequence."""
     input_ids: torch.Tensor
     """(B, L) long."""
     attention_mask: torch.Tensor
     """(B, L) long."""
     labels: torch.Tensor
     """(B, L) long, -100 outside the answers."""
-    target_image_index: torch.Tensor
-    """(N,) long: the image of each target."""
+    target_row_index: torch.Tensor
+    """(N,) long: the row (token sequence) of each target."""
+    row_image_index: torch.Tensor
+    """(B,) long: the row of ``sam_images`` each sequence is about (rows may share an image)."""
     targets: torch.Tensor | None
     """(N, S, S) uint8 in {0, 1, 255}, or None."""
     input_sizes: list[tuple[int, int]]
@@ -203,7 +241,8 @@ class Batch:
             input_ids=mv(self.input_ids),
             attention_mask=mv(self.attention_mask),
             labels=mv(self.labels),
-            target_image_index=mv(self.target_image_index),
+            target_row_index=mv(self.target_row_index),
+            row_image_index=mv(self.row_image_index),
             targets=mv(self.targets),
             input_sizes=self.input_sizes,
             original_sizes=self.original_sizes,
@@ -213,7 +252,12 @@ class Batch:
 
     @property
     def num_targets(self) -> int:
-        return int(self.target_image_index.numel())
+        return int(self.target_row_index.numel())
+
+    @property
+    def target_image_index(self) -> torch.Tensor:
+        """(N,) the ``sam_images`` row of each target."""
+        return self.row_image_index[self.target_row_index]
 
 
 def collate(samples: list[EncodedSample], pad_token_id: int, chains_per_sample: list[int] | None = None, padding_side: str = "right") -> Batch:
@@ -236,13 +280,25 @@ def collate(samples: list[EncodedSample], pad_token_id: int, chains_per_sample: 
     counts = chains_per_sample or [len(s.questions) for s in samples]
     index = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
     has_targets = all(s.targets is not None for s in samples)
+    images: list[torch.Tensor] = []
+    slot: dict[str, int] = {}
+    row_image = []
+    for s in samples:
+        if not s.image_key or s.image_key not in slot:
+            if s.image_key:
+                slot[s.image_key] = len(images)
+            row_image.append(len(images))
+            images.append(s.sam_image)
+        else:
+            row_image.append(slot[s.image_key])
     return Batch(
-        sam_images=torch.stack([s.sam_image for s in samples]),
+        sam_images=torch.stack(images),
         clip_images=torch.stack([s.clip_image for s in samples]),
         input_ids=ids,
         attention_mask=attn,
         labels=labels,
-        target_image_index=index,
+        target_row_index=index,
+        row_image_index=torch.tensor(row_image, dtype=torch.long),
         targets=torch.cat([s.targets for s in samples]) if has_targets else None,
         input_sizes=[s.input_size for s in samples],
         original_sizes=[s.original_size for s in samples],

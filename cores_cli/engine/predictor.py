@@ -85,8 +85,17 @@ class Predictor:
         return list(chain.tokens) if len(chain.tokens) == chain.depth else ["[SEG]"] * chain.depth
 
     @torch.no_grad()
-    def predict(self, pixels: np.ndarray, query: str, style: QueryStyle | Literal["auto"] = "auto", mode: Mode = "teacher", sample_id: str = "") -> Prediction:
-        """``pixels``: uint8 (H, W, 3), upright."""
+    def predict(
+        self,
+        pixels: np.ndarray,
+        query: str,
+        style: QueryStyle | Literal["auto"] = "auto",
+        mode: Mode = "teacher",
+        sample_id: str = "",
+        exemplar_key: str | None = None,
+    ) -> Prediction:
+        """``pixels``: uint8 (H, W, 3), upright. ``exemplar_key`` makes the exemplar draw a
+        function of that key (evaluation); by default every query gets the run's seeded draw."""
         if not query or not query.strip():
             raise CoresError("the query is empty")
         style = guess_style(query) if style == "auto" else style
@@ -97,11 +106,11 @@ class Predictor:
         generated_text, fallback = None, False
         enc = None
         if mode == "generate":
-            enc, generated_text = self._generated(sample)
+            enc, generated_text = self._generated(sample, exemplar_key)
             fallback = enc is None
         if enc is None:
             self._fresh_exemplars()
-            enc = self.transform(sample, pixels)
+            enc = self.transform(sample, pixels, exemplar_key=exemplar_key)
         t1 = time.perf_counter()
         batch = collate([enc], self.model.tokenizer.pad_token_id).to(self.param.device, self.param.dtype)
         out = self.model(batch, compute_loss=False)
@@ -123,10 +132,10 @@ class Predictor:
             timings={"preprocess_s": t1 - t0, "model_s": t2 - t1},
         )
 
-    def _generated(self, sample: SegSample) -> tuple[EncodedSample | None, str]:
+    def _generated(self, sample: SegSample, exemplar_key: str | None) -> tuple[EncodedSample | None, str]:
         """Let the LLM answer; return the teacher-style sample with its own answer, or None
         when the answer holds no usable chain."""
-        prompt = self.transform(sample, sample.image_array, generate=True)
+        prompt = self.transform(sample, sample.image_array, generate=True, exemplar_key=exemplar_key)
         batch = collate([prompt], self.model.tokenizer.pad_token_id, padding_side="left").to(self.param.device, self.param.dtype)
         new_ids = self.model.generate_answers(batch, self.max_new_tokens)[0]
         text = self.model.tokenizer.decode(new_ids, skip_special_tokens=False)

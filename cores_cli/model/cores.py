@@ -164,7 +164,7 @@ class CoresModel(nn.Module):
         return self.projector(torch.stack(rows))
 
     def forward(self, batch: Batch, compute_loss: bool = True) -> CoresOutput:
-        counts = torch.bincount(batch.target_image_index, minlength=batch.input_ids.shape[0]).tolist()
+        counts = torch.bincount(batch.target_row_index, minlength=batch.input_ids.shape[0]).tolist()
         positions = self.chain_positions(batch.input_ids, counts)
         image_embeddings = self.encode_images(batch.sam_images)
         hidden = self.language_hidden(batch)

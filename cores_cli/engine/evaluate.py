@@ -1,0 +1,184 @@
+"""Evaluation with LISA's ``validate()`` protocol (DESIGN §6): the library API behind
+``cores eval`` and training's periodic validation.
+
+Every round (query) of a sample is its own single-question conversation, as in LISA's
+``ValDataset``; the queries of one image share one SAM encoder pass. Teacher-forced by default
+(the fixed answer template in the input, one forward pass per batch); ``mode="generate"`` lets
+the model write each answer and falls back to the template when it holds no chain.
+
+Predictions are compared with the target at the image's original size: logits are
+post-processed as SAM does and thresholded at 0; target pixels of 255 are left out of both
+intersection and union.
+
+Under ``torch.distributed`` each rank takes every ``world``-th sample (no padding, so nothing
+is counted twice), and the per-target records are gathered so every rank returns the same
+metrics.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..contexts import ExemplarSampler
+from ..data.conversation import ConversationEncoder
+from ..data.records import SegSample
+from ..data.transform import SampleTransform, collate
+from ..metrics import IoUAccumulator, area_fraction, intersection_union, size_bucket, target_iou
+from ..model.cores import CoresModel, postprocess_masks
+from .predictor import Predictor
+
+Mode = Literal["teacher", "generate"]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float | int | None]
+    """giou, ciou, ciou_s/m/l, miou (None when no target has a class), n (targets), samples."""
+    records: list[dict]
+    """One per target: id, sample_id, query, class_name, intersection, union, iou, size,
+    area_fraction, fallback (generate mode)."""
+    worst: list[tuple[float, str, np.ndarray]] = field(default_factory=list)
+    """Up to ``keep_worst`` (iou, target id, predicted mask) with the lowest IoU, this rank's."""
+    seconds: float = 0.0
+
+
+def metrics_from_records(records: Sequence[dict]) -> dict[str, float | int | None]:
+    """The aggregate metrics of per-target records (what the per-sample JSONL holds)."""
+    acc = IoUAccumulator()
+    for r in records:
+        acc.add(r["intersection"], r["union"], r["area_fraction"], r.get("class_name"))
+    out = acc.compute()
+    return {k: v for k, v in out.items() if not isinstance(v, dict)}
+
+
+def _shard(samples: Sequence[SegSample]) -> tuple[list[int], int, int]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    return list(range(rank, len(samples), world)), rank, world
+
+
+@torch.no_grad()
+def evaluate(
+    model: CoresModel,
+    samples: Sequence[SegSample],
+    *,
+    batch_size: int = 4,
+    mode: Mode = "teacher",
+    exemplars: ExemplarSampler | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    keep_worst: int = 0,
+) -> EvalResult:
+    """Evaluate ``model`` on ``samples``; ``progress(n)`` is called with each batch's sample count."""
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        indices, rank, world = _shard(samples)
+        runner = _Runner(model, exemplars, seed, keep_worst)
+        if mode == "teacher":
+            for i in range(0, len(indices), batch_size):
+                chunk = [samples[j] for j in indices[i : i + batch_size]]
+                runner.teacher_batch(chunk)
+                if progress:
+                    progress(len(chunk))
+        else:
+            for j in indices:
+                runner.generate_sample(samples[j])
+                if progress:
+                    progress(1)
+        records = runner.records
+        if world > 1:
+            gathered: list[list[dict] | None] = [None] * world
+            dist.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in (part or [])]
+            records.sort(key=lambda r: r["order"])
+        for r in records:
+            r.pop("order", None)
+        metrics = metrics_from_records(records)
+        metrics["samples"] = len(samples)
+        worst = sorted(((-key, tid, mask) for key, tid, mask in runner.worst), key=lambda w: w[0])
+        return EvalResult(metrics, records, worst, time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+
+
+class _Runner:
+    def __init__(self, model: CoresModel, exemplars: ExemplarSampler | None, seed: int, keep_worst: int) -> None:
+        self.model = model
+        cfg = model.cfg
+        encoder = ConversationEncoder(model.tokenizer, cfg.prompt, cfg.chain, "<image>", model.num_image_tokens)
+        if exemplars is not None:
+            exemplars = ExemplarSampler(exemplars.library, seed)
+        self.transform = SampleTransform(cfg, encoder, exemplars, model.clip_size, train=False, with_targets=False)
+        self.exemplars = exemplars
+        self.param = next(model.parameters())
+        self.records: list[dict] = []
+        self.worst: list[tuple[float, str, np.ndarray]] = []
+        self.keep_worst = keep_worst
+        self.order = 0
+        self._predictor: Predictor | None = None
+
+    def teacher_batch(self, chunk: list[SegSample]) -> None:
+        rows, pixels = [], {}
+        for s in chunk:
+            px = self.transform.pixels(s)
+            pixels[s.sample_id] = px
+            rows.extend(self.transform.per_round(s, px))
+        batch = collate(rows, self.model.tokenizer.pad_token_id).to(self.param.device, self.param.dtype)
+        final = self.model(batch, compute_loss=False).final_logits
+        t = 0
+        for s in chunk:
+            for r_index, rnd in enumerate(s.rounds):
+                row = rows[t]
+                mask = postprocess_masks(final[t : t + 1], row.input_size, row.original_size, self.model.cfg.sam.image_size)[0] > 0
+                self._score(s, r_index, rnd, mask.cpu().numpy(), row.original_size)
+                t += 1
+
+    def generate_sample(self, sample: SegSample) -> None:
+        if self._predictor is None:
+            self._predictor = Predictor(self.model, self.exemplars)
+        pixels = self.transform.pixels(sample)
+        for r_index, rnd in enumerate(sample.rounds):
+            key = f"{sample.sample_id}#{r_index}"
+            pred = self._predictor.predict(pixels, rnd.query, style=rnd.style, mode="generate", sample_id=key, exemplar_key=key)
+            self._score(sample, r_index, rnd, pred.mask, pixels.shape[:2], fallback=pred.fallback)
+
+    def _score(self, sample: SegSample, r_index: int, rnd, pred: np.ndarray, size: tuple[int, int], fallback: bool | None = None) -> None:
+        target = rnd.target.rasterize(*size)
+        inter, union = intersection_union(pred, target)
+        frac = area_fraction(target)
+        tid = f"{sample.sample_id}#{r_index}"
+        record = {
+            "id": tid,
+            "sample_id": sample.sample_id,
+            "query": rnd.query,
+            "class_name": rnd.class_name,
+            "intersection": int(inter),
+            "union": int(union),
+            "iou": target_iou(inter, union),
+            "size": size_bucket(frac),
+            "area_fraction": frac,
+            "order": self.order,
+        }
+        if fallback is not None:
+            record["fallback"] = fallback
+        self.order += 1
+        self.records.append(record)
+        if self.keep_worst:
+            # a min-heap on -iou keeps the N lowest IoUs, the best of them at the root
+            item = (-record["iou"], tid, pred)
+            if len(self.worst) < self.keep_worst:
+                heapq.heappush(self.worst, item)
+            elif item > self.worst[0]:
+                heapq.heapreplace(self.worst, item)
