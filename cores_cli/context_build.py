@@ -26,6 +26,12 @@ follow the format), the run stops too, rather than walking the whole vocabulary 
 The API key is passed in by the caller and only ever handed to the ``openai`` client. Messages
 carry no server text except a refusal's error message, and that goes through :func:`redact`
 first, because servers echo keys in their error messages ("Incorrect API key provided: ...").
+
+Shared with ``cores make-reasonpart`` (:mod:`cores_cli.reasonpart_build`): the chat settings
+(:class:`ChatSettings`), the key, the client, retries (:func:`call_with_retries`), the
+append-only output with torn-tail repair, JSON replies (:func:`reply_json`), the run summary
+(:class:`RunSummary`) and the concurrent request loop (:class:`ChatLoop`), whose stop rules
+(a refusal, ``max_failed_requests``, ``max_barren_replies``) are the same for both commands.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from .contexts import (
@@ -76,27 +83,41 @@ final period; use accurate common knowledge. Reply with JSON only, in the form \
 one entry per requested object, objects spelled exactly as requested."""
 
 
-@dataclass
-class BuildOptions:
-    """What ``cores build-context`` exposes; the defaults are the command's defaults."""
+class RetrySettings(Protocol):
+    """What :func:`call_with_retries` and :func:`backoff_delay` read from their options."""
 
-    n: int
-    out: Path
+    retries: int
+    backoff: float
+    max_backoff: float
+
+
+@dataclass(kw_only=True)
+class ChatSettings:
+    """How to talk to the chat model; shared by every command that asks one for text."""
+
     model: str = "gpt-4o-mini"
     base_url: str | None = None
     temperature: float = 0.7
     concurrency: int = 4
-    batch_size: int = 5  # objects per request: fewer prompt tokens per exemplar than one by one
     timeout: float = 60.0  # seconds per request
     retries: int = 5  # retries of one request on 429, 5xx, timeouts, connection errors
     backoff: float = 1.0  # first back-off delay in seconds, doubled on each retry
     max_backoff: float = 60.0
     max_failed_requests: int = 10
     max_barren_replies: int = 20  # stop after this many replies in a row with nothing accepted
-    object_attempts: int = 3  # an object whose entries keep being rejected is dropped after this
-    few_shot: int = 4  # seed exemplars shown per request
     json_mode: bool = True  # ask for response_format=json_object (some local servers lack it)
     seed: int = 0
+
+
+@dataclass(kw_only=True)
+class BuildOptions(ChatSettings):
+    """What ``cores build-context`` exposes; the defaults are the command's defaults."""
+
+    n: int
+    out: Path
+    batch_size: int = 5  # objects per request: fewer prompt tokens per exemplar than one by one
+    object_attempts: int = 3  # an object whose entries keep being rejected is dropped after this
+    few_shot: int = 4  # seed exemplars shown per request
     vocabulary: Path | None = None
     seeds: Path | None = None
 
@@ -113,19 +134,20 @@ class BuildProgress:
 
 
 @dataclass
-class BuildSummary:
-    """What a run did, for the summary table, ``--json`` and the exit status."""
+class RunSummary:
+    """What a chat-driven run did, for the summary table, ``--json`` and the exit status.
+
+    ``existing``/``accepted``/``target`` count the command's unit (exemplars, images)."""
 
     target: int
     out: str
     model: str
-    existing: int = 0  # valid unique entries already in the file at start
-    accepted: int = 0  # entries appended by this run
+    existing: int = 0  # units already in the output at start
+    accepted: int = 0  # units added by this run
     requests: int = 0  # HTTP requests sent, retries included
     rejected: Counter[str] = field(default_factory=Counter)  # entries (or whole replies) by reason
     failed: Counter[str] = field(default_factory=Counter)  # requests that failed for good, by last error
     retried: Counter[str] = field(default_factory=Counter)  # attempts retried after a transient error, by error
-    dropped_objects: int = 0  # objects given up after object_attempts rejected tries
     torn_tail_removed: bool = False
     stop_reason: str | None = None
 
@@ -140,16 +162,29 @@ class BuildSummary:
     def message(self) -> str:
         """One line: what was reached and, if short of the target, why."""
         if self.complete:
-            return f"{self.out} holds {self.total} exemplars, {self.target} asked ({self.accepted} new)"
+            return f"{self.out} holds {self.total}, {self.target} asked ({self.accepted} new)"
         return f"stopped at {self.total}/{self.target}: {self.stop_reason or 'unknown reason'}"
 
     def to_dict(self) -> dict:
         # not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs and counts the pairs
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k in ("rejected", "failed", "retried"):
-            d[k] = dict(sorted(d[k].items()))
+        for k, v in d.items():
+            if isinstance(v, Counter):
+                d[k] = dict(sorted(v.items()))
         d.update(total=self.total, complete=self.complete, message=self.message())
         return d
+
+
+@dataclass
+class BuildSummary(RunSummary):
+    """A build-context run; the unit is a valid, unique exemplar."""
+
+    dropped_objects: int = 0  # objects given up after object_attempts rejected tries
+
+    def message(self) -> str:
+        if self.complete:
+            return f"{self.out} holds {self.total} exemplars, {self.target} asked ({self.accepted} new)"
+        return super().message()
 
 
 class RequestFailed(Exception):
@@ -169,7 +204,7 @@ def is_local_url(url: str | None) -> bool:
     return bool(url) and (urlsplit(url).hostname or "") in LOCAL_HOSTS
 
 
-def resolve_api_key(base_url: str | None, environ: Mapping[str, str] = os.environ) -> str:
+def resolve_api_key(base_url: str | None, environ: Mapping[str, str] = os.environ, command: str = "build-context") -> str:
     """The key from ``OPENAI_API_KEY`` only (never an option: options end up in shell history
     and process lists). Local servers (vLLM, llama.cpp, Ollama on localhost) rarely check keys,
     so there a missing key is replaced by a placeholder instead of being an error."""
@@ -180,7 +215,7 @@ def resolve_api_key(base_url: str | None, environ: Mapping[str, str] = os.enviro
     if is_local_url(effective):
         return NO_KEY_PLACEHOLDER
     raise CoresError(
-        "OPENAI_API_KEY is not set: export it before running build-context "
+        f"OPENAI_API_KEY is not set: export it before running {command} "
         "(the key is read from the environment only and never written anywhere)"
     )
 
@@ -262,16 +297,23 @@ def build_messages(objects: list[str], shots: list[Exemplar]) -> list[dict[str, 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 
 
-def parse_reply(content: str | None) -> list[object]:
-    """The entries of a reply: ``{"exemplars": [...]}``, a bare list, or one entry object."""
+def reply_json(content: str | None) -> Any:
+    """The JSON document of a reply, also when the model wrapped it in a Markdown fence.
+
+    Raises :class:`ExemplarError` with reason ``empty reply`` or ``malformed JSON``."""
     if not content or not content.strip():
         raise ExemplarError("empty reply", "the reply is empty")
     m = _FENCE.match(content)
     text = m.group(1) if m else content
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ExemplarError("malformed JSON", f"the reply is not JSON ({exc.msg})") from None
+
+
+def parse_reply(content: str | None) -> list[object]:
+    """The entries of a reply: ``{"exemplars": [...]}``, a bare list, or one entry object."""
+    data = reply_json(content)
     if isinstance(data, dict) and isinstance(data.get("exemplars"), list):
         return data["exemplars"]
     if isinstance(data, list):
@@ -301,7 +343,7 @@ def entry_to_exemplar(entry: object, requested: Mapping[str, str], source: str) 
 # ---- requests -------------------------------------------------------------------------------
 
 
-def backoff_delay(attempt: int, options: BuildOptions, retry_after: float | None, rng: random.Random) -> float:
+def backoff_delay(attempt: int, options: RetrySettings, retry_after: float | None, rng: random.Random) -> float:
     """Exponential back-off with jitter, or the server's Retry-After, capped by max_backoff."""
     if retry_after is not None and retry_after >= 0:
         return min(retry_after, options.max_backoff)
@@ -321,7 +363,7 @@ def _retry_after(exc: Exception) -> float | None:
 def call_with_retries(
     client,
     request: dict,
-    options: BuildOptions,
+    options: RetrySettings,
     on_attempt: Callable[[str | None, bool], None],
     rng: random.Random,
     sleep: Callable[[float], None] = time.sleep,
@@ -392,14 +434,18 @@ def candidate_objects(vocabulary: Vocabulary, exclude: set[str], seed: int) -> l
 
 
 @dataclass
-class _Job:
-    objects: list[str]
+class ChatJob:
+    """One request for :class:`ChatLoop`: its messages, how many units of the target it may add
+    (so that no more is asked for than ``target`` needs) and what the caller wants back."""
+
     messages: list[dict[str, str]]
+    units: int = 1
+    payload: Any = None
 
 
 @dataclass
 class _Result:
-    job: _Job
+    job: ChatJob
     content: str | None = None
     error: RequestFailed | None = None
 
@@ -414,7 +460,12 @@ def build_context(
     Returns the summary whether or not the target was reached; raises :class:`CoresError` for
     problems found before any request (bad files, an unreachable ``n``).
     """
-    _check_options(options, api_key)
+    check_chat_settings(options, api_key)
+    for name in ("batch_size", "object_attempts"):
+        if getattr(options, name) < 1:
+            raise CoresError(f"--{name.replace('_', '-')} must be at least 1")
+    if options.n < 1:
+        raise CoresError("--n must be at least 1")
     out = Path(options.out)
     summary = BuildSummary(target=options.n, out=str(out), model=options.model)
     vocabulary = load_vocabulary(options.vocabulary)
@@ -432,56 +483,82 @@ def build_context(
             f"--n {options.n} needs {need} more exemplars but only {len(pool)} vocabulary objects are not in "
             f"{out} yet (one exemplar per object); lower --n or give a larger --vocabulary"
         )
-    runner = _Runner(options, api_key, _make_client(options, api_key), seeds, summary, keys, pool, on_progress)
+    runner = _Runner(options, api_key, make_client(options, api_key), summary, on_progress, seeds, keys, pool)
     runner.run()
     return summary
 
 
-def _check_options(options: BuildOptions, api_key: str) -> None:
-    if options.n < 1:
-        raise CoresError("--n must be at least 1")
-    for name in ("concurrency", "batch_size", "max_failed_requests", "max_barren_replies", "object_attempts"):
-        if getattr(options, name) < 1:
+def check_chat_settings(settings: ChatSettings, api_key: str) -> None:
+    """Refuse settings that cannot work, before any request."""
+    for name in ("concurrency", "max_failed_requests", "max_barren_replies"):
+        if getattr(settings, name) < 1:
             raise CoresError(f"--{name.replace('_', '-')} must be at least 1")
-    if options.retries < 0 or options.timeout <= 0 or options.backoff < 0:
+    if settings.retries < 0 or settings.timeout <= 0 or settings.backoff < 0:
         raise CoresError("--retries and --backoff must be ≥ 0 and --timeout > 0")
-    if api_key and api_key != NO_KEY_PLACEHOLDER and api_key in options.model:
+    if api_key and api_key != NO_KEY_PLACEHOLDER and api_key in settings.model:
         raise CoresError("--model holds the API key; pass the model name only")
 
 
-def _make_client(options: BuildOptions, api_key: str):
+def make_client(settings: ChatSettings, api_key: str):
+    """An ``openai`` client with its own retries off: :func:`call_with_retries` decides."""
     import openai
 
-    return openai.OpenAI(api_key=api_key, base_url=options.base_url, timeout=options.timeout, max_retries=0)
+    return openai.OpenAI(api_key=api_key, base_url=settings.base_url, timeout=settings.timeout, max_retries=0)
 
 
-class _Runner:
-    """The request loop: daemon worker threads do HTTP, this thread validates and writes.
+class ChatLoop:
+    """The request loop: daemon worker threads do HTTP, the calling thread validates and writes.
+
+    Subclasses say what to ask (:meth:`next_job`), what to do with a reply (:meth:`handle_reply`,
+    returning how many entries it accepted) and with a request that failed for good
+    (:meth:`handle_failure`); the loop keeps ``settings.concurrency`` requests in flight, counts
+    requests, retries and failures into the summary, and stops on a refusal (HTTP 4xx other than
+    429), after ``max_failed_requests`` failures, or after ``max_barren_replies`` replies in a row
+    that gave nothing (a model that cannot follow the format would otherwise walk the whole pool).
 
     Daemon threads (rather than a ThreadPoolExecutor, whose threads are joined at exit) let
-    Ctrl-C end the process at once; the file is whole-lines-only at every instant anyway.
+    Ctrl-C end the process at once; outputs are whole-lines-only at every instant anyway.
     """
 
-    def __init__(self, options, api_key, client, seeds, summary, keys, pool, on_progress) -> None:
-        self.o: BuildOptions = options
-        self.key: str = api_key
+    def __init__(self, settings: ChatSettings, api_key: str, client, summary: RunSummary, on_progress=None) -> None:
+        self.o = settings
+        self.key = api_key
         self.client = client
-        self.seeds: list[Exemplar] = seeds
-        self.s: BuildSummary = summary
-        self.keys: set[str] = keys
-        self.pool: deque[str] = pool
-        self.on_progress = on_progress
-        self.tries: Counter[str] = Counter()
-        self.rng = random.Random(options.seed)
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.s = summary
+        self.on_progress: Callable[[BuildProgress], None] | None = on_progress
+        self.rng = random.Random(settings.seed)
+        self.jobs: queue.Queue[ChatJob | None] = queue.Queue()
         self.results: queue.Queue[_Result] = queue.Queue()
         self.lock = threading.Lock()
         self.in_flight = 0
-        self.in_flight_objects = 0
+        self.in_flight_units = 0
         self.failed_requests = 0
         self.barren_replies = 0  # consecutive replies without an accepted entry
         self.stop_reason: str | None = None
 
+    # ---- what subclasses provide
+    def next_job(self, room: int) -> ChatJob | None:
+        """The next request, asking for at most ``room`` units; None when there is nothing to ask."""
+        raise NotImplementedError
+
+    def handle_reply(self, job: ChatJob, content: str | None) -> int:
+        """Validate and write a reply; return how many entries were accepted."""
+        raise NotImplementedError
+
+    def handle_failure(self, job: ChatJob) -> None:
+        """A request failed for good (not its items' fault): put its items back to ask again."""
+
+    def exhausted_reason(self) -> str:
+        return "nothing left to ask for"
+
+    def room(self) -> int:
+        """Units that may still be asked for without overshooting the target."""
+        return self.s.target - self.s.total - self.in_flight_units
+
+    def done(self) -> bool:
+        return self.s.complete
+
+    # ---- the loop
     def run(self) -> None:
         workers = [threading.Thread(target=self._work, daemon=True) for _ in range(self.o.concurrency)]
         for w in workers:
@@ -491,29 +568,26 @@ class _Runner:
             while self.in_flight:
                 result = self.results.get()
                 self.in_flight -= 1
-                self.in_flight_objects -= len(result.job.objects)
+                self.in_flight_units -= result.job.units
                 self._handle(result)
                 self._report()
-                if self.s.complete or self.stop_reason:
+                if self.done() or self.stop_reason:
                     continue  # no new work: let the requests in flight finish
                 self._submit()
         finally:
             for _ in workers:
                 self.jobs.put(None)
-        if not self.s.complete:
-            self.s.stop_reason = self.stop_reason or self._exhausted_reason()
+        if not self.done():
+            self.s.stop_reason = self.stop_reason or self.exhausted_reason()
 
     def _submit(self) -> None:
-        while self.in_flight < self.o.concurrency and self.pool and not self.stop_reason:
-            room = self.s.target - self.s.total - self.in_flight_objects  # never ask beyond n
-            if room <= 0:
+        while self.in_flight < self.o.concurrency and not self.stop_reason:
+            job = self.next_job(self.room())
+            if job is None:
                 return
-            count = min(self.o.batch_size, room, len(self.pool))
-            objects = [self.pool.popleft() for _ in range(count)]
-            shots = self.rng.sample(self.seeds, min(self.o.few_shot, len(self.seeds)))
-            self.jobs.put(_Job(objects, build_messages(objects, shots)))
+            self.jobs.put(job)
             self.in_flight += 1
-            self.in_flight_objects += count
+            self.in_flight_units += job.units
 
     def _work(self) -> None:
         rng = random.Random()
@@ -536,12 +610,11 @@ class _Runner:
                 self.s.retried[reason] += 1
 
     def _handle(self, result: _Result) -> None:
-        job = result.job
         if result.error is not None:
             err = result.error
             self.s.failed[err.reason] += 1
             self.failed_requests += 1
-            self.pool.extend(job.objects)  # not the objects' fault: ask again later
+            self.handle_failure(result.job)
             if err.fatal:
                 detail = f": {err.detail}" if err.detail else ""
                 self.stop_reason = redact(
@@ -553,21 +626,60 @@ class _Runner:
                 retries = f"{self.o.retries} {'retry' if self.o.retries == 1 else 'retries'}"
                 self.stop_reason = f"{self.failed_requests} requests failed after {retries} ({format_counts(self.s.failed)})"
             return
-        requested = {object_key(o): o for o in job.objects}
+        accepted = self.handle_reply(result.job, result.content)
+        self.barren_replies = 0 if accepted else self.barren_replies + 1
+        if self.barren_replies >= self.o.max_barren_replies and not self.stop_reason:
+            self.stop_reason = (
+                f"{self.barren_replies} replies in a row had no acceptable entry ({format_counts(self.s.rejected)})"
+            )
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(
+                BuildProgress(
+                    done=self.s.total,
+                    target=self.s.target,
+                    accepted=self.s.accepted,
+                    rejected=sum(self.s.rejected.values()),
+                    failed=sum(self.s.failed.values()),
+                )
+            )
+
+
+class _Runner(ChatLoop):
+    """build-context's requests: batches of vocabulary objects, each asked up to
+    ``object_attempts`` times."""
+
+    def __init__(self, options, api_key, client, summary, on_progress, seeds, keys, pool) -> None:
+        super().__init__(options, api_key, client, summary, on_progress)
+        self.o: BuildOptions = options
+        self.s: BuildSummary = summary
+        self.seeds: list[Exemplar] = seeds
+        self.keys: set[str] = keys
+        self.pool: deque[str] = pool
+        self.tries: Counter[str] = Counter()
+
+    def next_job(self, room: int) -> ChatJob | None:
+        if not self.pool or room <= 0:
+            return None
+        count = min(self.o.batch_size, room, len(self.pool))
+        objects = [self.pool.popleft() for _ in range(count)]
+        shots = self.rng.sample(self.seeds, min(self.o.few_shot, len(self.seeds)))
+        return ChatJob(build_messages(objects, shots), units=count, payload=objects)
+
+    def handle_failure(self, job: ChatJob) -> None:
+        self.pool.extend(job.payload)
+
+    def handle_reply(self, job: ChatJob, content: str | None) -> int:
+        requested = {object_key(o): o for o in job.payload}
         accepted: set[str] = set()
         try:
-            entries = parse_reply(result.content)
+            entries = parse_reply(content)
         except ExemplarError as exc:
             self.s.rejected[exc.reason] += 1
             entries = []
         for entry in entries:
             self._take(entry, requested, accepted)
-        self.barren_replies = 0 if accepted else self.barren_replies + 1
-        if self.barren_replies >= self.o.max_barren_replies and not self.stop_reason:
-            # a model that never gets the format right would otherwise walk the whole vocabulary
-            self.stop_reason = (
-                f"{self.barren_replies} replies in a row had no acceptable entry ({format_counts(self.s.rejected)})"
-            )
         for key, phrase in requested.items():
             if key not in accepted and key not in self.keys:
                 self.tries[key] += 1
@@ -575,6 +687,7 @@ class _Runner:
                     self.pool.append(phrase)
                 else:
                     self.s.dropped_objects += 1
+        return len(accepted)
 
     def _take(self, entry: object, requested: dict[str, str], accepted: set[str]) -> None:
         obj = entry.get("object") if isinstance(entry, dict) else None
@@ -592,19 +705,7 @@ class _Runner:
         accepted.add(key)
         self.s.accepted += 1
 
-    def _report(self) -> None:
-        if self.on_progress is not None:
-            self.on_progress(
-                BuildProgress(
-                    done=self.s.total,
-                    target=self.s.target,
-                    accepted=self.s.accepted,
-                    rejected=sum(self.s.rejected.values()),
-                    failed=sum(self.s.failed.values()),
-                )
-            )
-
-    def _exhausted_reason(self) -> str:
+    def exhausted_reason(self) -> str:
         parts = [f"ran out of objects to ask for: {self.s.dropped_objects} were rejected {self.o.object_attempts} times"]
         if self.s.rejected:
             parts.append(f"rejections: {format_counts(self.s.rejected)}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from cores_cli.context_build import (
 )
 from cores_cli.contexts import ExemplarError, load_library, load_vocabulary, object_key
 
+from proc_helpers import kill_after_lines
 from openai_server import ChatRequest, OpenAIServer, chat_reply, error_reply, json_reply, slow
 
 KEY = "canary-key-5e1f0c9a7d"  # not sk-shaped, so only exact redaction can hide it; never to be seen
@@ -227,15 +227,8 @@ def test_an_interrupted_run_resumes_to_exactly_n_unique_valid_entries(tmp_path, 
            "--base-url", server.url, "--batch-size", "1", "--concurrency", "1", "--backoff", "0.001"]
     env = {**os.environ, "OPENAI_API_KEY": KEY}
     env.pop("OPENAI_BASE_URL", None)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= 4:
-            break
-        time.sleep(0.01)
-    proc.kill()  # SIGKILL: no clean-up code runs
-    stdout, stderr = proc.communicate()
-    assert KEY.encode() not in stdout + stderr
+    printed = kill_after_lines(cmd, out, 4, env, tmp_path)  # SIGKILL: no clean-up code runs
+    assert KEY.encode() not in printed
     written = lines(out)
     assert 4 <= len(written) < n, "the run should have been killed half-way"
     with open(out, "ab") as fh:  # what a write cut short by a crash would leave

@@ -40,7 +40,7 @@ def _relaunch(gpus: int, argv: list[str]) -> int:
 
 @clean_errors
 def evaluate(
-    dataset: str = typer.Option(..., "--dataset", "-d", help="reasonseg:val, reasonseg:test:short|long, refcoco:unc:val, refcocog:umd:test, partimagenet:val, pascalpart:val, synthetic:val, ..."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="reasonseg:val, reasonseg:test:short|long, refcoco:unc:val, refcocog:umd:test, partimagenet:val, pascalpart:val, synthetic:val, reasonpart:DIR (the --out of make-reasonpart), ..."),
     data_root: Path = typer.Option(None, "--data-root", help="Folder holding the datasets in LISA's layout (not needed for synthetic:*)."),
     checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory."),
     preset: str = typer.Option(None, "--preset", help="Evaluate a preset with RANDOM weights (a smoke run of the protocol)."),

@@ -74,11 +74,11 @@ class DirIndex:
         return path.name in self.names(path.parent)
 
 
-def missing_images_error(missing: Sequence[Path], total: int, what: str) -> CoresError:
-    return CoresError(
-        f"{what}: {len(missing)} of {total} images are missing, the first is {missing[0]} "
-        f"(pass skip_missing=True to leave those samples out)"
-    )
+def missing_images_error(
+    missing: Sequence[Path], total: int, what: str, hint: str = "pass skip_missing=True to leave those samples out"
+) -> CoresError:
+    """``hint`` says how to go on without them, in the words of the caller (an option, a flag)."""
+    return CoresError(f"{what}: {len(missing)} of {total} images are missing, the first is {missing[0]} ({hint})")
 
 
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}

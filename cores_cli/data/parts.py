@@ -32,6 +32,10 @@ Deviation from LISA, which samples up to 3 *annotations* and asks about each one
 only that instance as the mask; ``instance_masks=True`` gives one round per annotation as LISA.
 Degenerate polygons are dropped with warnings in ``meta["warnings"]``; a category left with
 no valid polygon is dropped too (LISA catches ``annToMask`` errors and resamples).
+``meta["classes"]`` maps each asked class name to its ``category_id``, parsed ``object`` and
+``part`` (None for a whole object) and the ``annotation_ids`` joined into its mask (provenance, e.g. for ReasonPart's manifest); ``meta["file_name"]`` is the
+image's name in the annotation file. A record missing a key the reader needs is an error naming
+the list, the record's index and the key.
 """
 
 from __future__ import annotations
@@ -134,6 +138,13 @@ def partimagenet_source(data_root: Path, split: str) -> PartSource:
     base = require_dir(Path(data_root) / "vlpart" / "partimagenet", "PartImageNet layout ({root}/vlpart/partimagenet/)")
     ann = first_existing([base / f"{split}_format.json", base / f"{split}.json"], "PartImageNet annotations")
     images = require_dir(base / split, f"PartImageNet images ({{root}}/vlpart/partimagenet/{split}/)")
+    return PartSource("partimagenet", split, ann, partimagenet_name, partimagenet_image_path(images))
+
+
+def partimagenet_image_path(images: Path) -> Callable[[dict, DirIndex], Path]:
+    """Where a PartImageNet image lives under ``images``: ``{wnid}/{file_name}`` when the file
+    name has no folder (the official files), else ``{file_name}`` (VLPart's rewrite); a flat
+    ``{file_name}`` is used when only that exists."""
 
     def image_path(img: dict, index: DirIndex) -> Path:
         name = str(img["file_name"])
@@ -142,7 +153,32 @@ def partimagenet_source(data_root: Path, split: str) -> PartSource:
         nested = images / name.split("_")[0] / name
         return nested if index.exists(nested) or not index.exists(images / name) else images / name
 
-    return PartSource("partimagenet", split, ann, partimagenet_name, image_path)
+    return image_path
+
+
+REQUIRED_KEYS = {
+    "images": ("id", "file_name", "height", "width"),
+    "annotations": ("image_id", "category_id"),
+    "categories": ("id", "name"),
+}
+
+
+def check_coco_parts(data: Any, path: Path, what: str) -> None:
+    """A clear error, naming the file, list, record and key, for a file that is not a COCO-format
+    part file (rather than a KeyError deep inside a reader)."""
+    if not isinstance(data, dict):
+        raise CoresError(f"{what}: {path} is not a JSON object")
+    for key, needed in REQUIRED_KEYS.items():
+        if key not in data:
+            raise CoresError(f"{what}: {path} has no key {key!r}")
+        if not isinstance(data[key], list):
+            raise CoresError(f"{what}: {path} key {key!r} is not a list")
+        for i, rec in enumerate(data[key]):
+            if not isinstance(rec, dict):
+                raise CoresError(f"{what}: {path} {key}[{i}] is not an object")
+            for k in needed:
+                if k not in rec:
+                    raise CoresError(f"{what}: {path} {key}[{i}] has no key {k!r}")
 
 
 PART_SOURCES: dict[str, Callable[[Path, str], PartSource]] = {
@@ -179,15 +215,16 @@ def read_coco_parts(
     instance_masks: bool = False,
     shuffle_seed: int = 0,
     skip_missing: bool = False,
+    missing_hint: str | None = None,
+    data: dict | None = None,
 ) -> list[SegSample]:
-    """A COCO-format part file → records, per the module docstring."""
+    """A COCO-format part file → records, per the module docstring. ``missing_hint`` replaces
+    the error's advice on missing images (a command names its own flag); ``data`` is the file's
+    content when the caller has already read it (large files are parsed once)."""
     what = f"{source.dataset} annotations"
-    data = load_json(source.annotation_file, what)
-    if not isinstance(data, dict):
-        raise CoresError(f"{what}: {source.annotation_file} is not a JSON object")
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise CoresError(f"{what}: {source.annotation_file} has no key {key!r}")
+    if data is None:
+        data = load_json(source.annotation_file, what)
+    check_coco_parts(data, source.annotation_file, what)
     cats = {c["id"]: c for c in data["categories"]}
     images = {im["id"]: im for im in data["images"]}
     by_image: dict[Any, list[dict]] = {}
@@ -223,6 +260,7 @@ def read_coco_parts(
                 per_cat.setdefault(a["category_id"], []).append(a)
             groups_of_anns = sorted(per_cat.items(), key=lambda kv: str(kv[0]))
         rounds: list[QARound] = []
+        classes: dict[str, dict[str, Any]] = {}
         for cat_id, anns in groups_of_anns:
             polys: list[Polygon] = []
             rles: list[Rle] = []
@@ -236,20 +274,23 @@ def read_coco_parts(
                 warnings.append(f"category {cat['name']!r}: no valid segmentation; round left out")
                 continue
             rounds.append(QARound(phrase(source.name_of(cat), rng), CocoMask(tuple(polys), tuple(rles), h, w), "phrase", str(cat["name"])))
+            obj, part = source.name_of(cat)
+            entry = classes.setdefault(str(cat["name"]), {"category_id": cat_id, "object": obj, "part": part, "annotation_ids": []})
+            entry["annotation_ids"].extend(a.get("id") for a in anns)
         if not rounds:
             log.warning("%s: image %s has no usable part annotation; left out", name, image_id)
             continue
         if rng is not None and rounds_per_sample:
             rng.shuffle(rounds)
         groups = chunk(rounds, rounds_per_sample)
-        meta: dict[str, Any] = {"image_id": image_id, "image_size": (h, w)}
+        meta: dict[str, Any] = {"image_id": image_id, "image_size": (h, w), "file_name": img["file_name"], "classes": classes}
         if warnings:
             meta["warnings"] = warnings
         for g, group in enumerate(groups):
             sid = f"{name}/{image_id}" + (f"#{g}" if len(groups) > 1 else "")
             samples.append(SegSample(sid, str(path), tuple(group), source.dataset, dict(meta)))
     if missing and not skip_missing:
-        raise missing_images_error(missing, len(by_image), name)
+        raise missing_images_error(missing, len(by_image), name, *([missing_hint] if missing_hint else []))
     if missing:
         log.warning("%s: left out %d image(s) that are missing", name, len(missing))
     return samples

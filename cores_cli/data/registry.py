@@ -13,6 +13,9 @@ may be left out: ``refcoco:val`` = ``refcoco:unc:val``, ``refcocog:val`` = ``ref
 ``pascalpart:{train,val}``,
 ``partimagenet:{train,val,test}``
 ``synthetic:{train,val,test}[:{short,long}]``    :mod:`cores_cli.data.synthetic` (no data root)
+``reasonpart:DIR``                               :mod:`cores_cli.data.reasonpart`: the ``--out``
+folder of ``cores make-reasonpart`` (or one split folder inside it); everything after
+``reasonpart:`` is the path, colons included; no data root
 ===============================================  ===========================================
 
 Options (``**opts``) go to the reader; an option the reader does not take is an error that
@@ -30,6 +33,7 @@ from typing import Any
 
 from ..errors import CoresError
 from .parts import PART_SPLITS, load_parts
+from .reasonpart import load_reasonpart
 from .reasonseg import load_reasonseg
 from .records import SegSample
 from .refer import DEFAULT_SPLIT_BY, REFER_DATASETS, REFER_SPLITS, load_refer
@@ -51,6 +55,7 @@ NAME_PATTERNS: tuple[str, ...] = (
     "pascalpart:{train,val}",
     "partimagenet:{train,val,test}",
     "synthetic:{train,val,test}[:{short,long}]",
+    "reasonpart:DIR",
 )
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
@@ -59,6 +64,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "semantic": ("rounds_per_sample", "shuffle_seed", "skip_missing", "classes_file", "cache", "cache_dir", "workers", "progress"),
     "parts": ("rounds_per_sample", "instance_masks", "shuffle_seed", "skip_missing"),
     "synthetic": ("n", "seed", "image_size", "n_texts", "queries", "subset", "rounds_per_sample"),
+    "reasonpart": ("queries", "subset", "rounds_per_sample", "skip_missing"),
 }
 
 
@@ -67,7 +73,7 @@ class DatasetName:
     """A parsed dataset name."""
 
     family: str
-    """reasonseg | refer | semantic | parts | synthetic"""
+    """reasonseg | refer | semantic | parts | synthetic | reasonpart (whose ``split`` is a folder)"""
     dataset: str
     split: str
     split_by: str | None = None
@@ -79,7 +85,7 @@ class DatasetName:
 
     @property
     def needs_data_root(self) -> bool:
-        return self.family != "synthetic"
+        return self.family not in ("synthetic", "reasonpart")
 
 
 def _unknown(name: str, why: str) -> CoresError:
@@ -92,6 +98,8 @@ def parse_name(name: str) -> DatasetName:
     if len(pieces) < 2 or not all(pieces):
         raise _unknown(name, "expected DATASET:SPLIT")
     ds = ALIASES.get(pieces[0].lower(), pieces[0].lower())
+    if ds == "reasonpart":  # the rest is a path, which may hold colons of its own
+        return DatasetName("reasonpart", ds, str(name).strip().split(":", 1)[1].strip())
     rest = pieces[1:]
     if ds in ("reasonseg", "synthetic"):
         splits = ("train", "val", "test") if ds == "reasonseg" else tuple(SPLIT_IDS)
@@ -145,6 +153,7 @@ def load_samples(name: str, data_root: Path | str | None = None, **opts: Any) ->
         "semantic": lambda: load_semantic(spec.dataset, root, spec.split, **opts),
         "parts": lambda: load_parts(spec.dataset, root, spec.split, **opts),
         "synthetic": lambda: load_synthetic(spec.split, **opts),
+        "reasonpart": lambda: load_reasonpart(spec.split, **opts),
     }
     return readers[spec.family]()
 
@@ -159,6 +168,14 @@ def protocol(name: str, **opts: Any) -> str:
         sub = f", {spec.subset} queries only" if spec.subset else ""
         extra = f", n={opts.get('n', 'default')}, seed={opts.get('seed', 0)}" if spec.family == "synthetic" else ""
         return f"{spec}: {which}{sub}{extra}; ignore pixels (255) excluded; gIoU with empty unions = 1"
+    if spec.family == "reasonpart":
+        q = opts.get("queries") or "first"
+        which = "the first question of each (image, part) item (LISA's protocol)" if q == "first" else "every question of each (image, part) item"
+        sub = f", {opts['subset']} queries only" if opts.get("subset") else ""
+        return (
+            f"{spec}: ReasonPart (paper App. C, Table S4), every item of every split folder; {which}{sub}; target = all instances "
+            "of the part class; ignore pixels (255: holes inside a part) excluded; gIoU with empty unions = 1"
+        )
     if spec.family == "refer":
         return f"{spec}: every sentence of every ref, one target each (LISA's ValDataset); gIoU with empty unions = 1"
     return f"{spec}: every class present per image, class-level masks; mIoU = mean over classes of ΣI/ΣU"

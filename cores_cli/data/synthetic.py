@@ -46,7 +46,6 @@ pixels lossless).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -63,6 +62,7 @@ from ..fileio import atomic_directory
 from .layout import chunk
 from .masks import LabelmePolygonMask, PolygonShape
 from .reasonseg import SYNTHETIC_KEY
+from .reasonseg_writer import dumps_reasonseg, reasonseg_document, shape_record
 from .records import QARound, SegSample
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -512,33 +512,16 @@ def load_synthetic(
 # ---------------------------------------------------------------------------------- writing
 
 
-def _shape_json(shape: PolygonShape, image_name: str) -> dict:
-    return {
-        "label": shape.label,
-        "labels": [shape.label],
-        "shape_type": "polygon",
-        "image_name": image_name,
-        "points": [[x, y] for x, y in shape.points],
-        "group_id": None,
-        "group_ids": [None],
-        "flags": {},
-    }
-
-
 def item_json(item: SyntheticItem, image_name: str, seed: int) -> dict:
     """The ReasonSeg JSON of an item (LabelMe-style shapes, plus our extra key)."""
-    return {
-        "text": list(item.texts),
-        "is_sentence": item.is_sentence,
-        "shapes": [_shape_json(s, image_name) for s in item.target],
-        SYNTHETIC_KEY: {
-            "version": GENERATOR_VERSION,
-            "seed": seed,
-            "container": item.container,
-            "part": item.part,
-            "container_shapes": [_shape_json(s, image_name) for s in item.container_shapes],
-        },
+    extra = {
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "container": item.container,
+        "part": item.part,
+        "container_shapes": [shape_record(s, image_name) for s in item.container_shapes],
     }
+    return reasonseg_document(item.texts, item.is_sentence, item.target, image_name, {SYNTHETIC_KEY: extra})
 
 
 def write_split(
@@ -567,7 +550,7 @@ def write_split(
                 img.save(tmp / image_name, format="JPEG", quality=95, subsampling=0)
             else:
                 img.save(tmp / image_name, format="PNG")
-            (tmp / f"{item.name}.json").write_text(json.dumps(item_json(item, image_name, seed), indent=2), encoding="ascii")
+            (tmp / f"{item.name}.json").write_text(dumps_reasonseg(item_json(item, image_name, seed)), encoding="ascii")
     return dest
 
 

@@ -1,0 +1,816 @@
+"""Build ReasonPart (paper appendix C): reasoning questions about object parts, in ReasonSeg format.
+
+The paper asked ChatGPT, with in-context examples, for questions about part categories ("In the
+oceanic scene, which functional feature aids fish in steering and maintaining stability in the
+currents?") on 2,957 PartImageNet val images and 4,465 PASCAL-Part images. This module does
+that for any COCO-format PartImageNet or PASCAL-Part file (read by
+:func:`cores_cli.data.parts.read_coco_parts`, so names, the "Tier" typo and polygons/RLE are
+handled as in training and evaluation).
+
+Selection. The images that have at least one part annotation (and whose file exists) are
+shuffled with ``seed``; the first ``n`` are used (default: all), and when an image yields no item
+(every part empty, or no acceptable question) the next one takes its place, so the output ends
+with exactly ``n`` images. Per image, ``parts_per_image`` part classes (default 1) are drawn with
+a generator seeded by ``seed`` and the image id: first among classes covering at least
+``min_area`` of the image (0.5 %, about a 16×16 patch of a 224×224 crop: smaller parts are hardly
+visible and their IoU is noise), then, if too few are that large, the largest of the rest.
+The target is the class's mask, the union of all its instances (a question about "the fins" means
+all of them), as the part readers build it.
+
+Questions. ``questions="chat"`` asks an OpenAI-compatible chat model (the plumbing of
+``build-context``: :mod:`cores_cli.context_build`), ``batch_size`` items per request, with
+:data:`SYSTEM_PROMPT` and ``few_shot`` worked examples (:data:`PROMPT_EXAMPLES`, in the paper's
+style) as an earlier user/assistant turn. ``questions="template"`` draws one of the hand-written
+questions of the shipped part→function table (``cores_cli/assets/part_functions.json``; no key,
+no network), deterministically from ``seed``, the image and the class. Either way a question
+must pass :func:`validate_question`: one sentence of 6–60 words ending in "?", no special
+tokens, and no word that names the part (its head noun in any number, plus the table's names,
+e.g. "tyre", "wheel" for "Car Tier"). A rejected item is asked again, up to ``item_attempts``
+times.
+
+Files, in ``out``::
+
+    {split}/NAME.jpg     the source image, symlinked (absolute target), hard-linked or copied
+    {split}/NAME.json    ReasonSeg: text [question], is_sentence true, shapes (see below)
+    manifest.jsonl       one line per item: provenance (source, annotation file name, image id,
+                         file name, category id, part class, annotation ids, area, mode, model,
+                         prompt or table version, seed, polygon counts, conversion IoU)
+
+``split`` defaults to the source's name, so one ``out`` holds both halves of ReasonPart.
+``NAME`` is ``{image stem}__{part class}``. Shapes come from the class mask through
+:func:`cores_cli.data.reasonseg_writer.mask_to_shapes` (holes as ``ignore`` polygons); the
+manifest records, per item, the IoU between the mask LISA's rasteriser draws from the written
+polygons and the source mask (1.0 in practice).
+
+Resume. An item is written as image + JSON (atomic replace), then its manifest line (one
+``os.write``, fsynced: :func:`cores_cli.context_build.append_line`). On start the manifest's torn
+last line (a kill mid-write) is cut, lines whose files are gone are dropped, and JSONs without a
+manifest line (a kill between the two writes) are removed with their image; images already in the
+manifest count towards ``n`` and are not asked for again; an image with fewer items than
+``parts_per_image`` gets its missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from . import __version__
+from .context_build import (
+    BuildProgress,
+    ChatJob,
+    ChatLoop,
+    ChatSettings,
+    RunSummary,
+    append_line,
+    check_chat_settings,
+    format_counts,
+    make_client,
+    repair_torn_tail,
+    reply_json,
+)
+from .contexts import SPECIAL_TOKENS, ExemplarError, names_object, object_key
+from .data.layout import load_json, require_dir, require_file, upright_size
+from .data.masks import rasterize_shapes
+from .data.parts import PartSource, check_coco_parts, partimagenet_image_path, partimagenet_name, pascal_part_name, read_coco_parts
+from .data.reasonpart import MANIFEST
+from .data.reasonseg_writer import Holes, dumps_reasonseg, mask_to_shapes, reasonseg_document
+from .data.records import SegSample
+from .errors import CoresError
+from .fileio import atomic_write_text
+
+PROMPT_VERSION = "reasonpart-prompt-1"
+"""Changes whenever SYSTEM_PROMPT, PROMPT_EXAMPLES or the request format change."""
+SOURCES = ("partimagenet", "pascalpart")
+EXTRA_KEY = "cores_reasonpart"
+MIN_QUESTION_WORDS = 6
+MAX_QUESTION_WORDS = 60
+MAX_QUESTION_CHARS = 320
+ImageMode = Literal["symlink", "hardlink", "copy"]
+QuestionMode = Literal["chat", "template"]
+
+SYSTEM_PROMPT = """\
+You write questions for a benchmark of reasoning part segmentation: a model sees a photo and a \
+question, and must outline the object part that answers it. For every item you get the object, \
+one of its parts (the answer) and the other annotated parts in the same photo. Write one question \
+whose answer is that part and that takes reasoning to answer: ask about what the part does, how \
+it is used or what it is for, optionally set in a short scene ("In the oceanic scene, ..."). \
+Rules: never use the part's name or a synonym of it, in singular or plural (a question about a \
+fish fin must not say "fin" or "fins"); you may name the object; the other parts may be mentioned \
+but must not be the answer; one sentence of 8 to 40 words that ends with a question mark; do not \
+mention photos, images, masks or segmentation; use accurate common knowledge. Reply with JSON \
+only, in the form {"questions": [{"id": "...", "question": "..."}]}, one entry per item, with the \
+ids exactly as given."""
+
+PROMPT_EXAMPLES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("fish", "fin", ("head", "body", "tail"),
+     "In the oceanic scene, which functional feature aids fish in steering and maintaining stability in the currents?"),
+    ("car", "side mirror", ("body", "tire"),
+     "Before changing lanes on a busy highway, which part of the car would the driver glance at to see the traffic coming from behind?"),
+    ("bird", "wing", ("head", "body", "tail", "foot"),
+     "When the bird takes off from the branch, which parts does it spread and beat to lift itself into the air?"),
+    ("bottle", "cap", ("body",),
+     "At a picnic, what keeps the lemonade sealed inside the bottle so that it does not spill when the bottle tips over?"),
+    ("person", "hand", ("head", "arm", "torso"),
+     "On a rainy street, which part of the person would hold the umbrella's handle?"),
+    ("dog", "nose", ("head", "eye", "ear", "muzzle"),
+     "At the park, which part of the dog helps it track down a hidden treat by its scent?"),
+    ("bicycle", "saddle", ("wheel", "handlebar"),
+     "On a long countryside ride, which part of the bicycle supports the rider's weight while they pedal?"),
+    ("horse", "tail", ("head", "leg", "torso"),
+     "On a hot summer pasture, which part of the horse swishes to chase away biting flies?"),
+)
+"""(object, part, other parts, question): hand-written, shown as a worked example turn."""
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+
+class QuestionRejected(ValueError):
+    """A question that cannot go into the benchmark; ``reason`` is short, for counting."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def validate_question(text: object, part: str, names: Sequence[str] = ()) -> str:
+    """The question, whitespace normalised, or :class:`QuestionRejected` saying why not.
+
+    Naming is judged word by word in any number ("fins" names "fin"; "finish" does not), on the
+    part's head noun ("mirror" for "side mirror") and on every entry of ``names``.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise QuestionRejected("empty question", "the question is empty")
+    q = " ".join(text.split())
+    if any(tok in q for tok in SPECIAL_TOKENS):
+        raise QuestionRejected("special token", "the question holds a special token")
+    words = q.split()
+    if len(q) > MAX_QUESTION_CHARS or len(words) > MAX_QUESTION_WORDS:
+        raise QuestionRejected("too long", f"longer than {MAX_QUESTION_CHARS} characters or {MAX_QUESTION_WORDS} words")
+    if len(words) < MIN_QUESTION_WORDS:
+        raise QuestionRejected("too short", f"fewer than {MIN_QUESTION_WORDS} words")
+    if not q.endswith("?"):
+        raise QuestionRejected("not a question", "does not end with a question mark")
+    for name in (part, *names):
+        if name and names_object(q, name):
+            raise QuestionRejected("names the part", f"names the part ({name!r})")
+    return q
+
+
+# ---- the shipped part -> function table ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartEntry:
+    """One class of the table: the object phrase, the words that name the part, the questions."""
+
+    object: str
+    names: tuple[str, ...]
+    questions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PartTable:
+    version: int
+    path: str
+    entries: dict[tuple[str, str], PartEntry]
+
+    def get(self, source: str, class_name: str) -> PartEntry | None:
+        """The entry of a class as the dataset spells it (case and spaces ignored)."""
+        return self.entries.get((source, " ".join(class_name.lower().split())))
+
+
+def default_table_path() -> Path:
+    return Path(str(resources.files("cores_cli") / "assets" / "part_functions.json"))
+
+
+def load_part_table(path: Path | None = None) -> PartTable:
+    """Read and check the table; errors name the file and the key."""
+    p = Path(path) if path is not None else default_table_path()
+    require_file(p, "part-function table")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        kinds = data["kinds"]
+        entries: dict[tuple[str, str], PartEntry] = {}
+        for source, classes in data["classes"].items():
+            for name, c in classes.items():
+                kind = kinds[c["kind"]]
+                obj = c["object"]
+                questions = tuple(q.format(object=obj) for q in (*kind["questions"], *c.get("questions", ())))
+                names = tuple(dict.fromkeys((*kind["names"], *c.get("names", ()))))
+                entries[(source, " ".join(name.lower().split()))] = PartEntry(obj, names, questions)
+        version = int(data["version"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CoresError(f"part-function table {p} is not valid JSON ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CoresError(f"part-function table {p} is malformed (missing or bad key {exc})") from None
+    return PartTable(version, str(p), entries)
+
+
+# ---- options and summary --------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ReasonPartOptions(ChatSettings):
+    """What ``cores make-reasonpart`` exposes; the defaults are the command's defaults."""
+
+    source: str
+    ann: Path
+    images: Path
+    out: Path
+    n: int | None = None  # images; None = all
+    split: str | None = None  # output folder name; None = the source's name
+    parts_per_image: int = 1
+    min_area: float = 0.005
+    questions: QuestionMode = "chat"
+    image_mode: ImageMode = "symlink"
+    holes: Holes = "ignore"
+    batch_size: int = 4  # items per request
+    few_shot: int = 4
+    item_attempts: int = 3
+    skip_missing: bool = False
+    table: Path | None = None
+
+
+@dataclass
+class ReasonPartSummary(RunSummary):
+    """A make-reasonpart run; the unit (target, existing, accepted) is an image."""
+
+    split: str = ""
+    mode: str = "chat"
+    items_existing: int = 0
+    items_written: int = 0
+    dropped_items: int = 0  # (image, part) items given up after item_attempts rejected questions
+    dropped_images: int = 0  # images left with no item: replaced by the next image
+    skipped: Counter[str] = field(default_factory=Counter)  # images passed over, by reason
+    stale_lines_removed: int = 0
+    orphans_removed: int = 0
+    min_conversion_iou: float | None = None
+
+    @property
+    def items(self) -> int:
+        return self.items_existing + self.items_written
+
+    def message(self) -> str:
+        if self.complete:
+            return (
+                f"{self.out}/{self.split} holds {self.total} images ({self.items} items), "
+                f"{self.target} asked ({self.accepted} new, questions by {self.mode})"
+            )
+        return super().message()
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["items"] = self.items
+        return d
+
+
+# ---- images and their parts -------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class PartItem:
+    """One (image, part class) of the benchmark, with its mask at the image's size."""
+
+    image: ImageTask
+    class_name: str
+    category_id: Any
+    obj: str
+    part: str
+    display: str  # the object as questions name it
+    names: tuple[str, ...]
+    annotation_ids: list[Any]
+    area_fraction: float
+    mask: np.ndarray = field(repr=False)
+    other_parts: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class ImageTask:
+    sample: SegSample
+    key: str  # json.dumps(image_id): ids may be ints (PASCAL-Part, PartImageNet) or strings
+    stem: str
+    size: tuple[int, int]
+    warnings: list[str]
+    items: list[PartItem] = field(default_factory=list)
+    pending: int = 0
+    written: int = 0
+
+
+def image_key(sample: SegSample) -> str:
+    return json.dumps(sample.meta["image_id"])
+
+
+def choose_parts(candidates: list[PartItem], k: int, min_area: float, rng: random.Random) -> list[PartItem]:
+    """Up to ``k`` non-empty parts: a seeded draw among those covering ≥ ``min_area`` of the
+    image, then the largest others (see the module docstring)."""
+    live = [c for c in candidates if c.area_fraction > 0]
+    large = [c for c in live if c.area_fraction >= min_area]
+    rng.shuffle(large)
+    rest = sorted((c for c in live if c.area_fraction < min_area), key=lambda c: -c.area_fraction)
+    return (large + rest)[:k]
+
+
+_SLUG = re.compile(r"[^A-Za-z0-9]+")
+
+
+def item_name(stem: str, class_name: str) -> str:
+    """``{stem}__{class}``: readable, unique per (image, class), safe on every file system."""
+    return f"{_SLUG.sub('_', stem).strip('_')}__{_SLUG.sub('_', class_name).strip('_').lower()}"
+
+
+def image_suffix(path: Path) -> str:
+    """``.jpg`` for JPEG files (LISA's reader lists ``*.jpg`` only), else the lower-cased suffix."""
+    s = path.suffix.lower()
+    return ".jpg" if s in (".jpg", ".jpeg") else s
+
+
+def place_image(src: Path, dest: Path, mode: ImageMode) -> None:
+    """Put ``src`` at ``dest`` (replacing it atomically): a symlink to its absolute path, a hard
+    link, or a copy."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    try:
+        if mode == "symlink":
+            os.symlink(os.path.abspath(src), tmp)
+        elif mode == "hardlink":
+            os.link(src, tmp)
+        elif mode == "copy":
+            shutil.copyfile(src, tmp)
+        else:
+            raise CoresError(f"unknown image mode {mode!r}; choose symlink, hardlink or copy")
+        os.replace(tmp, dest)
+    except OSError as exc:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        hint = "; try --image-mode copy" if mode != "copy" else ""
+        raise CoresError(f"cannot {mode} {src} to {dest} ({exc.strerror or exc}){hint}") from None
+
+
+def conversion_iou(shapes: Sequence, mask: np.ndarray) -> float:
+    """IoU of the target pixels LISA's rasteriser draws from ``shapes`` with ``mask``."""
+    drawn = rasterize_shapes(shapes, *mask.shape) == 1
+    src = mask != 0
+    union = int((drawn | src).sum())
+    return 1.0 if union == 0 else int((drawn & src).sum()) / union
+
+
+# ---- the manifest ---------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """The manifest's lines (after a torn tail was cut); a bad complete line is an error."""
+    if not path.is_file():
+        return []
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("name", "split", "image", "source")):
+            raise CoresError(f"{path}, line {lineno}: not a make-reasonpart manifest record; fix or remove that line, then run again to resume")
+        out.append(rec)
+    return out
+
+
+# ---- the build ------------------------------------------------------------------------------
+
+
+def make_reasonpart(
+    options: ReasonPartOptions,
+    api_key: str | None = None,
+    on_progress: Callable[[BuildProgress], None] | None = None,
+) -> ReasonPartSummary:
+    """Grow ``options.out/{split}`` to ``options.n`` images (see the module docstring).
+
+    Returns the summary whether or not the target was reached; raises :class:`CoresError` for
+    problems found before any question is asked (options, files, layout)."""
+    return prepare(options, api_key).run(on_progress)
+
+
+def prepare(options: ReasonPartOptions, api_key: str | None = None) -> ReasonPartBuild:
+    """Check the options, read the annotation file and repair the output, without asking or
+    writing any question yet (so that a command can report mistakes before its progress bar)."""
+    _check_options(options, api_key)
+    return ReasonPartBuild(options, api_key)
+
+
+def _check_options(o: ReasonPartOptions, api_key: str | None) -> None:
+    if o.source not in SOURCES:
+        raise CoresError(f"unknown --source {o.source!r}; choose {' or '.join(SOURCES)}")
+    if o.questions not in ("chat", "template"):
+        raise CoresError(f"unknown --questions {o.questions!r}; choose chat or template")
+    if o.image_mode not in ("symlink", "hardlink", "copy"):
+        raise CoresError(f"unknown --image-mode {o.image_mode!r}; choose symlink, hardlink or copy")
+    if o.holes not in ("ignore", "fill"):
+        raise CoresError(f"unknown --holes {o.holes!r}; choose ignore or fill")
+    for name in ("parts_per_image", "batch_size", "item_attempts"):
+        if getattr(o, name) < 1:
+            raise CoresError(f"--{name.replace('_', '-')} must be at least 1")
+    if o.n is not None and o.n < 1:
+        raise CoresError("--n must be at least 1")
+    if not 0 <= o.min_area < 1:
+        raise CoresError("--min-area is a fraction of the image: at least 0 and below 1")
+    if o.split is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", o.split):
+        raise CoresError(f"--split {o.split!r} must be a plain folder name (letters, digits, '-' and '_')")
+    if o.questions == "chat":
+        check_chat_settings(o, api_key or "")
+
+
+class ReasonPartBuild:
+    """One build: the image pool, what is written, what to ask again (both question modes).
+    Made by :func:`prepare`; :meth:`run` does the work and returns the summary."""
+
+    def __init__(self, o: ReasonPartOptions, api_key: str | None = None) -> None:
+        self.o = o
+        self.api_key = api_key or ""
+        self.split = o.split or o.source
+        self.out = Path(o.out)
+        self.dir = self.out / self.split
+        self.manifest = self.out / MANIFEST
+        self.table = load_part_table(o.table)
+        self.retry: deque[PartItem] = deque()
+        self.unresolved: set[str] = set()  # opened images with nothing written yet
+        self.attempts: Counter[tuple[str, str]] = Counter()
+        samples = self._read_source()
+        self.by_key = {image_key(s): s for s in samples}
+        self.stems = self._stems(samples)
+        pool = sorted(self.by_key)
+        random.Random(o.seed).shuffle(pool)
+        target = len(pool) if o.n is None else o.n
+        if target > len(pool):
+            raise CoresError(
+                f"--n {o.n} but only {len(pool)} images of {o.ann} have a part annotation"
+                + (" with a template" if o.questions == "template" else "")
+            )
+        model = o.model if o.questions == "chat" else "template"
+        self.s = ReasonPartSummary(target=target, out=str(self.out), model=model, split=self.split, mode=o.questions)
+        written = self._resume()
+        self.done: set[str] = set(written)
+        self.pool = deque(k for k in pool if k not in self.done)
+        self.s.existing = len(self.done)
+        self.s.items_existing = sum(len(v) for v in written.values())
+        self._queue_missing_parts(written)
+
+    def run(self, on_progress: Callable[[BuildProgress], None] | None = None) -> ReasonPartSummary:
+        if self.finished():
+            return self.s
+        if self.o.questions == "template":
+            self.run_template(on_progress)
+        else:
+            _QuestionLoop(self.o, self.api_key, make_client(self.o, self.api_key), self, on_progress).run()
+        return self.s
+
+    # ---- reading the source
+    def _read_source(self) -> list[SegSample]:
+        o = self.o
+        what = f"{o.source} annotations (--ann)"
+        data = load_json(require_file(Path(o.ann), what), what)
+        check_coco_parts(data, Path(o.ann), what)
+        name_of = partimagenet_name if o.source == "partimagenet" else pascal_part_name
+        classes = {str(c["name"]): name_of(c) for c in data["categories"]}
+        _check_naming(o.source, Path(o.ann), sorted(classes))
+        usable = {n for n, (_obj, part) in classes.items() if part is not None and (o.questions == "chat" or self.table.get(o.source, n))}
+        if not usable:
+            raise CoresError(self._no_parts_message(classes))
+        images = require_dir(Path(o.images), f"{o.source} images (--images)")
+        image_path = partimagenet_image_path(images) if o.source == "partimagenet" else (lambda img, _ix: images / img["file_name"])
+        source = PartSource(o.source, Path(o.ann).name, Path(o.ann), name_of, image_path)
+        hint = f"check --images {images}, or pass --skip-missing to leave them out"
+        samples = read_coco_parts(source, skip_missing=o.skip_missing, missing_hint=hint, data=data)
+        kept = [s for s in samples if any(n in usable for n in s.meta["classes"])]
+        if not kept:
+            raise CoresError(f"{o.ann} holds no image with a usable part annotation")
+        return kept
+
+    def _no_parts_message(self, classes: dict[str, tuple[str, str | None]]) -> str:
+        o = self.o
+        names = sorted(classes)
+        listed = ", ".join(repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
+        if all(part is None for _obj, part in classes.values()):
+            return f"{o.ann}: no category name reads as a part of an object ({listed})"
+        return f"{o.ann}: none of its part classes ({listed}) is in the part-function table {self.table.path}; use --questions chat"
+
+    @staticmethod
+    def _stems(samples: list[SegSample]) -> dict[str, str]:
+        """File stems, made unique with the image id where two images share one."""
+        stems = {image_key(s): Path(str(s.meta["file_name"])).stem for s in samples}
+        seen = Counter(stems.values())
+        return {k: (v if seen[v] == 1 else f"{v}_{json.loads(k)}") for k, v in stems.items()}
+
+    # ---- resume
+    def _resume(self) -> dict[str, set[str]]:
+        """Repair the output (see the module docstring); return the written classes per image."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.s.torn_tail_removed = repair_torn_tail(self.manifest)
+        records = read_manifest(self.manifest)
+        keep: list[dict] = []
+        written: dict[str, set[str]] = {}
+        names: set[str] = set()
+        for rec in records:
+            if rec["split"] != self.split:
+                keep.append(rec)
+                continue
+            if rec["source"] != self.o.source:
+                raise CoresError(
+                    f"{self.manifest} holds {self.split!r} items made from {rec['source']}, not {self.o.source}; "
+                    "use another --split or --out"
+                )
+            if not (self.dir / f"{rec['name']}.json").is_file() or not (self.dir / rec["image"]).exists():
+                self.s.stale_lines_removed += 1
+                continue
+            keep.append(rec)
+            names.add(rec["name"])
+            written.setdefault(json.dumps(rec.get("image_id")), set()).add(str(rec.get("part_class")))
+        if self.s.stale_lines_removed:
+            atomic_write_text(self.manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+        self._remove_orphans(names)
+        return written
+
+    def _remove_orphans(self, names: set[str]) -> None:
+        """Files of items the manifest does not list (a kill between the writes of one item),
+        and our temporary files: the split folder belongs to make-reasonpart."""
+        for p in sorted(self.dir.iterdir()):
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink()
+            elif not p.name.startswith(".") and p.stem not in names and (p.is_file() or p.is_symlink()):
+                p.unlink()
+                self.s.orphans_removed += p.suffix == ".json"
+
+    def _queue_missing_parts(self, written: dict[str, set[str]]) -> None:
+        """Images already in the output with fewer items than chosen get the missing ones."""
+        for key, classes in written.items():
+            if len(classes) >= self.o.parts_per_image or key not in self.by_key:
+                continue
+            task = self._open(self.by_key[key])
+            if task is None:
+                continue
+            task.written = len(classes)
+            task.items = [it for it in task.items if it.class_name not in classes]
+            task.pending = len(task.items)
+            self.retry.extend(task.items)
+
+    # ---- opening images
+    def open_next(self) -> ImageTask | None:
+        """The next image of the pool that yields at least one part; None when none is left."""
+        while self.pool:
+            key = self.pool.popleft()
+            task = self._open(self.by_key[key])
+            if task is not None:
+                self.unresolved.add(key)
+                return task
+        return None
+
+    def _open(self, sample: SegSample) -> ImageTask | None:
+        key = image_key(sample)
+        size = upright_size(Path(sample.image_path))
+        if size is None:
+            self.s.skipped["unreadable image"] += 1
+            return None
+        warnings = list(sample.meta.get("warnings", []))
+        if tuple(size) != tuple(sample.meta["image_size"]):
+            ah, aw = sample.meta["image_size"]
+            warnings.append(f"the annotation says {aw}×{ah} but the image is {size[1]}×{size[0]}; masks resized")
+        task = ImageTask(sample, key, self.stems[key], size, warnings)
+        candidates = []
+        for rnd in sample.rounds:
+            info = sample.meta["classes"].get(rnd.class_name)
+            if info is None or info["part"] is None:
+                continue
+            entry = self.table.get(self.o.source, rnd.class_name)
+            if entry is None and self.o.questions == "template":
+                continue
+            mask = (rnd.target.rasterize(*size) == 1).astype(np.uint8)
+            candidates.append(
+                PartItem(
+                    task, rnd.class_name, info["category_id"], info["object"], info["part"],
+                    entry.object if entry else info["object"], entry.names if entry else (),
+                    list(info["annotation_ids"]), float(mask.mean()), mask,
+                )
+            )
+        chosen = choose_parts(candidates, self.o.parts_per_image, self.o.min_area, random.Random(f"{self.o.seed}:{key}"))
+        if not chosen:
+            self.s.skipped["no non-empty part"] += 1
+            return None
+        for it in chosen:
+            it.other_parts = sorted({c.part for c in candidates if c.part != it.part})
+        task.items, task.pending = chosen, len(chosen)
+        return task
+
+    # ---- outcomes of one item
+    def finished(self) -> bool:
+        return self.s.complete and not self.retry
+
+    def room(self) -> int:
+        return self.s.target - self.s.total - len(self.unresolved)
+
+    def write(self, item: PartItem, question: str) -> None:
+        task = item.image
+        o = self.o
+        name = item_name(task.stem, item.class_name)
+        src = Path(task.sample.image_path)
+        image_name = name + image_suffix(src)
+        place_image(src, self.dir / image_name, o.image_mode)
+        shapes = mask_to_shapes(item.mask, o.holes)
+        iou = conversion_iou(shapes, item.mask)
+        image_id = task.sample.meta["image_id"]
+        extra = {EXTRA_KEY: {"version": 1, "source": o.source, "part_class": item.class_name, "image_id": image_id, "mode": o.questions}}
+        doc = reasonseg_document([question], True, shapes, image_name, extra)
+        atomic_write_text(self.dir / f"{name}.json", dumps_reasonseg(doc))
+        chat = o.questions == "chat"
+        record = {
+            "name": name, "split": self.split, "image": image_name, "source": o.source,
+            "annotation_file": Path(o.ann).name, "image_id": image_id, "file_name": task.sample.meta["file_name"],
+            "category_id": item.category_id, "part_class": item.class_name, "object": item.obj, "part": item.part,
+            "annotation_ids": item.annotation_ids, "area_fraction": round(item.area_fraction, 6),
+            "question": question, "mode": o.questions, "model": o.model if chat else None,
+            "prompt_version": PROMPT_VERSION if chat else None, "template_version": None if chat else self.table.version,
+            "seed": o.seed, "holes": o.holes, "target_polygons": sum(s.label == "target" for s in shapes),
+            "ignore_polygons": sum(s.label != "target" for s in shapes), "conversion_iou": round(iou, 6),
+            "warnings": task.warnings, "cores_version": __version__,
+        }
+        append_line(self.manifest, json.dumps(record, ensure_ascii=False))
+        self.s.items_written += 1
+        self.s.min_conversion_iou = iou if self.s.min_conversion_iou is None else min(self.s.min_conversion_iou, iou)
+        task.written += 1
+        task.pending -= 1
+        if task.key not in self.done:
+            self.done.add(task.key)
+            self.unresolved.discard(task.key)
+            self.s.accepted += 1
+
+    def reject(self, item: PartItem, reason: str | None) -> None:
+        """A question that was not accepted (``reason`` None: already counted for the reply)."""
+        if reason:
+            self.s.rejected[reason] += 1
+        key = (item.image.key, item.class_name)
+        self.attempts[key] += 1
+        if self.attempts[key] < self.o.item_attempts:
+            self.retry.append(item)
+            return
+        task = item.image
+        task.pending -= 1
+        self.s.dropped_items += 1
+        if task.pending == 0 and task.written == 0:
+            self.s.dropped_images += 1
+            self.unresolved.discard(task.key)
+
+    def exhausted_reason(self) -> str:
+        parts = [f"ran out of images: {len(self.by_key)} have a part annotation"]
+        if self.s.skipped:
+            parts.append(f"passed over: {format_counts(self.s.skipped)}")
+        if self.s.dropped_images:
+            parts.append(f"{self.s.dropped_images} got no acceptable question in {self.o.item_attempts} tries")
+        if self.s.rejected:
+            parts.append(f"rejections: {format_counts(self.s.rejected)}")
+        return "; ".join(parts)
+
+    # ---- template mode
+    def template_question(self, item: PartItem) -> str:
+        entry = self.table.get(self.o.source, item.class_name)
+        assert entry is not None  # template mode only opens parts that have an entry
+        return random.Random(f"{self.o.seed}:{item.image.key}:{item.class_name}").choice(entry.questions)
+
+    def run_template(self, on_progress: Callable[[BuildProgress], None] | None) -> None:
+        """Every item gets a table question: no requests, deterministic by seed."""
+        while not self.finished():
+            if self.retry:
+                items = [self.retry.popleft()]
+            elif self.room() > 0 and (task := self.open_next()) is not None:
+                items = task.items
+            else:
+                break
+            for item in items:
+                try:
+                    self.write(item, validate_question(self.template_question(item), item.part, item.names))
+                except QuestionRejected as exc:  # only a hand-edited table gets here
+                    self.reject(item, exc.reason)
+            if on_progress is not None:
+                on_progress(BuildProgress(self.s.total, self.s.target, self.s.accepted, sum(self.s.rejected.values()), 0))
+        if not self.finished():
+            self.s.stop_reason = self.exhausted_reason()
+
+
+def _check_naming(source: str, ann: Path, names: list[str]) -> None:
+    """PASCAL-Part names are "object:part", PartImageNet's "Supercategory Part": a file whose
+    names mostly read the other way was given the wrong --source."""
+    if not names:
+        raise CoresError(f"{ann} has no categories")
+    looks = "pascalpart" if sum(":" in n for n in names) * 2 > len(names) else "partimagenet"
+    if looks != source:
+        listed = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        raise CoresError(f"{ann}: category names like {listed} are {looks}'s, not {source}'s; is it a {looks} file (--source {looks})?")
+
+
+# ---- chat mode --------------------------------------------------------------------------------
+
+
+def build_question_messages(items: Sequence[PartItem], examples: Sequence[tuple[str, str, tuple[str, ...], str]]) -> list[dict[str, str]]:
+    """System rules, one worked example turn (the paper's in-context examples), then the items.
+    Items are numbered "1", "2", ... within the request."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    if examples:
+        shots = [{"id": f"e{i + 1}", "object": o, "part": p, "other_parts": list(others)} for i, (o, p, others, _q) in enumerate(examples)]
+        answers = [{"id": f"e{i + 1}", "question": q} for i, (*_rest, q) in enumerate(examples)]
+        messages.append({"role": "user", "content": json.dumps({"items": shots})})
+        messages.append({"role": "assistant", "content": json.dumps({"questions": answers})})
+    request = [{"id": str(i + 1), "object": it.display, "part": it.part, "other_parts": it.other_parts} for i, it in enumerate(items)]
+    messages.append({"role": "user", "content": json.dumps({"items": request}, ensure_ascii=False)})
+    return messages
+
+
+def parse_questions(content: str | None) -> dict[str, object]:
+    """``{id: question}`` from ``{"questions": [...]}``, a bare list, or one entry."""
+    data = reply_json(content)
+    if isinstance(data, dict) and isinstance(data.get("questions"), list):
+        entries = data["questions"]
+    elif isinstance(data, list):
+        entries = data
+    elif isinstance(data, dict) and "question" in data:
+        entries = [data]
+    else:
+        raise ExemplarError("malformed JSON", "the reply is JSON but holds no 'questions' list")
+    return {str(e.get("id")): e.get("question") for e in entries if isinstance(e, dict)}
+
+
+class _QuestionLoop(ChatLoop):
+    """Requests of ``batch_size`` items; new images are opened only while there is room."""
+
+    def __init__(self, options: ReasonPartOptions, api_key: str, client, builder: ReasonPartBuild, on_progress) -> None:
+        super().__init__(options, api_key, client, builder.s, on_progress)
+        self.o: ReasonPartOptions = options
+        self.b = builder
+
+    def room(self) -> int:
+        return self.b.room()
+
+    def done(self) -> bool:
+        return self.b.finished()
+
+    def next_job(self, room: int) -> ChatJob | None:
+        items: list[PartItem] = []
+        while self.b.retry and len(items) < self.o.batch_size:
+            items.append(self.b.retry.popleft())
+        opened = 0
+        while len(items) < self.o.batch_size and opened < room and (task := self.b.open_next()) is not None:
+            opened += 1
+            items.extend(task.items)
+        if len(items) > self.o.batch_size:
+            self.b.retry.extendleft(reversed(items[self.o.batch_size :]))
+            items = items[: self.o.batch_size]
+        if not items:
+            return None
+        return ChatJob(build_question_messages(items, self._examples(items)), units=0, payload=items)
+
+    def _examples(self, items: list[PartItem]) -> list[tuple[str, str, tuple[str, ...], str]]:
+        asked = {object_key(it.part) for it in items}
+        pool = [e for e in PROMPT_EXAMPLES if object_key(e[1]) not in asked]
+        return self.rng.sample(pool, min(self.o.few_shot, len(pool)))
+
+    def handle_failure(self, job: ChatJob) -> None:
+        self.b.retry.extend(job.payload)  # not the items' fault: ask again, no attempt used
+
+    def handle_reply(self, job: ChatJob, content: str | None) -> int:
+        items: list[PartItem] = job.payload
+        try:
+            answers = parse_questions(content)
+        except ExemplarError as exc:
+            self.s.rejected[exc.reason] += 1
+            for it in items:
+                self.b.reject(it, None)
+            return 0
+        extra = set(answers) - {str(i + 1) for i in range(len(items))}
+        if extra:
+            self.s.rejected["not requested"] += len(extra)
+        accepted = 0
+        for i, it in enumerate(items):
+            if str(i + 1) not in answers:
+                self.b.reject(it, "missing from the reply")
+                continue
+            try:
+                question = validate_question(answers[str(i + 1)], it.part, it.names)
+            except QuestionRejected as exc:
+                self.b.reject(it, exc.reason)
+                continue
+            self.b.write(it, question)
+            accepted += 1
+        return accepted
+
+    def exhausted_reason(self) -> str:
+        return self.b.exhausted_reason()
