@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -97,6 +99,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is not Any:
+            # typed values (e.g. dict[str, SomeDataclass]) are checked like any other field
+            return {str(k): _coerce(args[1], v, _join(where, str(k))) for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value
@@ -110,6 +116,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
+            # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string: accept it as the number it is
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:

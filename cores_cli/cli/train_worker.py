@@ -1,0 +1,57 @@
+"""One training process, as a launcher starts it: ``python -m cores_cli.cli.train_worker --recipe FILE``.
+
+``cores train --gpus N`` builds the launcher command that runs this module N times per node;
+the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Rank 0 shows the
+progress; a user mistake prints one ``error:`` line (from rank 0) and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import CoresError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cores_cli.cli.train_worker", description=__doc__)
+    parser.add_argument("--recipe", required=True, help="Resolved recipe file (YAML/JSON).")
+    parser.add_argument("--resume", action="store_true", help="Continue from the run directory's latest checkpoint.")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+
+    from ..engine.deepspeed_setup import resolve_train_device, select_accelerator
+    from ..engine.train_config import load_recipe
+    from ..engine.trainer import NullReporter, run_training
+    from .common import err_console, fail
+    from .train_view import TrainView
+
+    try:
+        recipe = load_recipe(args.recipe)
+        select_accelerator(resolve_train_device(recipe.train.device).type)
+        reporter = TrainView(err_console, recipe.train.log_every) if rank == 0 else NullReporter()
+        try:
+            run_training(recipe, resume=args.resume, reporter=reporter)
+        finally:
+            reporter.close()
+    except CoresError as exc:
+        if rank == 0:
+            fail(str(exc))  # prints the one-line error; the exit code is returned below
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The training loop: recipe → data → model → DeepSpeed engine → steps, validation, checkpoints.
+
+One function, :func:`run_training`, used the same way by ``cores train --gpus 0`` (in the CLI's
+own process) and by every process a launcher starts (``cores_cli.cli.train_worker``). Progress
+goes to a :class:`Reporter` (the CLI's Rich view; nothing by default), metrics to
+``RUN/metrics.jsonl`` (and TensorBoard when installed), all from rank 0.
+
+Order within a step: ``grad_accumulation`` micro-batches (DeepSpeed accumulates, clips and
+steps the optimizer and the schedule at the boundary), then validation if due, then the
+checkpoint if due. A resumed run restores the weights, AdamW moments, schedule position, RNG
+states and the data position, so on the CPU it reproduces the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..configio import to_dict
+from ..errors import CoresError
+from ..fileio import atomic_write_text
+from .train_config import Recipe, recipe_text
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+@dataclass
+class RunInfo:
+    run_dir: Path
+    total_steps: int
+    start_step: int
+    world_size: int
+    device: str
+    dtype: str
+    zero_stage: int
+    global_batch: int
+    trainable_params: int
+    mixture: list[dict[str, Any]]
+    val_samples: int
+    resumed_from: str | None
+
+
+@dataclass
+class StepReport:
+    step: int
+    total_steps: int
+    losses: dict[str, float]
+    """``loss`` and its parts (``ce``, ``bce``, ``dice``, …), averaged over the step's micro-batches and ranks."""
+    lr: float
+    samples_per_s: float
+    step_s: float
+    elapsed_s: float
+    eta_s: float
+    samples_seen: int
+
+
+@dataclass
+class EvalReport:
+    step: int
+    metrics: dict[str, Any]
+    best_giou: float | None
+    is_best: bool
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    last_checkpoint: Path | None
+    best_giou: float | None
+    best_step: int | None
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+
+class Reporter(Protocol):
+    def start(self, info: RunInfo) -> None: ...
+    def step(self, report: StepReport) -> None: ...
+    def evaluating(self, total: int) -> None: ...
+    def eval_progress(self, n: int) -> None: ...
+    def evaluated(self, report: EvalReport) -> None: ...
+    def saved(self, path: Path, step: int) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullReporter:
+    def start(self, info: RunInfo) -> None: pass
+    def step(self, report: StepReport) -> None: pass
+    def evaluating(self, total: int) -> None: pass
+    def eval_progress(self, n: int) -> None: pass
+    def evaluated(self, report: EvalReport) -> None: pass
+    def saved(self, path: Path, step: int) -> None: pass
+    def message(self, text: str) -> None: pass
+    def close(self) -> None: pass
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (appended, one JSON object per line) and optional TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():
+            # drop lines a killed run wrote after its last checkpoint: the resumed run redoes them
+            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if _line_step(ln) <= resume_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            prefix = "val" if record.get("kind") == "eval" else "train"
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind"):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Mistakes worth catching before anything heavy is loaded."""
+    m, t = recipe.model, recipe.train
+    if t.require_pretrained and (not m.mllm.path or not m.sam.checkpoint):
+        missing = " and ".join(k for k, v in (("model.mllm.path", m.mllm.path), ("model.sam.checkpoint", m.sam.checkpoint)) if not v)
+        raise CoresError(
+            f"this recipe fine-tunes pretrained LLaVA and SAM weights: set {missing} "
+            "(or train.require_pretrained=false to start from random weights)"
+        )
+    if t.embedding_cache and "sam_image_encoder" in m.train_extra:
+        raise CoresError("train.embedding_cache needs a frozen SAM image encoder, but model.train_extra makes it trainable")
+
+
+def run_dir_has_checkpoints(run_dir: Path) -> bool:
+    from .train_state import complete_step_dirs
+
+    return bool(complete_step_dirs(run_dir / "checkpoints"))
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def run_training(recipe: Recipe, *, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
+    """Train as the recipe says. All ranks call this; only rank 0 writes files and reports."""
+    from . import deepspeed_setup as ds
+    from . import train_state as ts
+
+    reporter = reporter or NullReporter()
+    cfg = recipe.train
+    check_recipe(recipe)
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = None
+    if resume:
+        resume_from = ts.find_resume_checkpoint(ckpt_root)
+        if resume_from is None:
+            raise CoresError(f"--resume: no complete checkpoint in {ckpt_root} (nothing to resume)")
+    elif run_dir_has_checkpoints(run_dir):
+        raise CoresError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run directory")
+
+    device = ds.resolve_train_device(cfg.device)
+    dist = ds.init_distributed(device)
+    device = dist.device
+    _quiet_deepspeed()
+    dtype = ds.train_dtype(cfg, device)
+
+    # Data first: a recipe naming a missing dataset fails here, before the model is built.
+    from ..data.mixture import load_mixture
+    from ..data.registry import load_samples
+
+    mixture = load_mixture(recipe.data, seed=cfg.seed)
+    val = recipe.data.val
+    val_samples = load_samples(val.dataset, recipe.data.root, **dict(val.options)) if val.dataset else []
+
+    saved_state = None
+    if resume_from is not None:
+        saved_state = ts.read_train_state(resume_from)
+        if saved_state[0].step > cfg.steps:
+            raise CoresError(f"{resume_from} is at step {saved_state[0].step}, past train.steps={cfg.steps}; raise train.steps to continue")
+
+    model = _build_model(recipe, resume_from)
+    if cfg.gradient_checkpointing:
+        # non-reentrant checkpointing works with frozen embeddings (no input grads needed)
+        model.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.embedding_cache:
+        from .embedding_cache import attach_embedding_cache
+
+        attach_embedding_cache(model, cfg.embedding_cache)
+    model.to(device)
+    model.train()
+    engine = ds.build_engine(model, cfg, cfg.steps, dtype, device)
+
+    state = ts.TrainState(world_size=dist.world)
+    if saved_state is not None:
+        state = _restore(engine, model, saved_state, dist, reporter, cfg.seed)
+    else:
+        ts.seed_everything(cfg.seed + dist.rank)  # dropout etc. differ per rank, the init did not
+
+    metrics = None
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", recipe_text(recipe))
+        ts.remove_partial_writes(ckpt_root)
+        metrics = MetricsLog(run_dir, cfg.tensorboard, state.step if resume_from is not None else None)
+
+    loader, batches = _loader(recipe, model, mixture, state, dist)
+    global_batch = cfg.micro_batch_size * cfg.grad_accumulation * dist.world
+    reporter.start(
+        RunInfo(
+            run_dir=run_dir,
+            total_steps=cfg.steps,
+            start_step=state.step,
+            world_size=dist.world,
+            device=str(device),
+            dtype=str(dtype).replace("torch.", ""),
+            zero_stage=cfg.zero_stage,
+            global_batch=global_batch,
+            trainable_params=sum(p.numel() for _, p in ds.trainable_named(model)),
+            mixture=mixture.describe(),
+            val_samples=len(val_samples),
+            resumed_from=str(resume_from) if resume_from else None,
+        )
+    )
+
+    exemplars = _exemplars(model, cfg.seed)
+    start_step = state.step
+    last_ckpt: Path | None = resume_from
+    losses: dict[str, float] = {}
+    durations: deque[float] = deque(maxlen=20)
+    run_start = time.perf_counter() - state.elapsed_s
+    iterator = iter(loader)
+    try:
+        for step in range(start_step + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            lr = ds.current_lr(engine)  # the lr this step's update uses
+            sums: dict[str, float] = {}
+            for _ in range(cfg.grad_accumulation):
+                batch = next(iterator).to(device, dtype)
+                out = engine(batch)
+                engine.backward(out.loss)
+                engine.step()
+                for k, v in out.loss_parts().items():
+                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accumulation
+            losses = _mean_across_ranks(sums, device, dist.world)
+            state.step = step
+            state.samples_consumed = batches.consumed_after(step - start_step)
+            step_s = time.perf_counter() - t0
+            durations.append(step_s)
+            state.elapsed_s = time.perf_counter() - run_start
+            avg = sum(durations) / len(durations)
+            report = StepReport(step, cfg.steps, losses, lr, global_batch / avg, step_s, state.elapsed_s, avg * (cfg.steps - step), state.samples_consumed)
+            if metrics is not None:
+                metrics.write({"kind": "train", "step": step, **losses, "lr": lr, "samples_per_s": report.samples_per_s, "step_s": step_s, "elapsed_s": state.elapsed_s, "samples_seen": state.samples_consumed})
+            reporter.step(report)
+
+            last = step == cfg.steps
+            if val_samples and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+                _validate(engine.module, recipe, val_samples, exemplars, state, step, dist, metrics, reporter)
+            if last or step % cfg.save_every == 0:
+                last_ckpt = _save(engine, model, recipe, state, dist, reporter)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return TrainResult(run_dir, state.step, last_ckpt, state.best_giou, state.best_step, losses)
+
+
+def _quiet_deepspeed() -> None:
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+def _build_model(recipe: Recipe, resume_from: Path | None):
+    from ..model.builder import build_model
+    from .checkpoint import load_checkpoint
+
+    # The same seed on every rank gives every rank the same initial weights.
+    torch.manual_seed(recipe.train.seed)
+    if resume_from is not None:
+        model, _ = load_checkpoint(resume_from, overrides=recipe.model)
+        return model
+    return build_model(recipe.model)
+
+
+def _restore(engine, model, saved, dist, reporter: Reporter, seed: int):
+    from . import deepspeed_setup as ds
+    from . import train_state as ts
+
+    state, optimizer, rng = saved
+    ds.import_optimizer_state(engine, model, optimizer, state.optimizer_steps)
+    ds.load_scheduler_state(engine, state.scheduler)
+    engine.global_steps = state.step
+    engine.global_samples = state.samples_consumed
+    if dist.rank < len(rng) and dist.rank < len(state.rng):
+        ts.restore_rng(state.rng[dist.rank], rng[dist.rank])
+    else:
+        ts.seed_everything(seed + dist.rank + 1000003 * state.step)
+        if dist.is_main:
+            reporter.message(f"the checkpoint was written by {len(rng)} processes, this run has {dist.world}: new ranks get fresh random states")
+    if state.world_size != dist.world and dist.is_main:
+        reporter.message(f"resuming a {state.world_size}-process run on {dist.world} processes: the data stream continues, per-step batches differ in size")
+    state.world_size = dist.world
+    return state
+
+
+def _loader(recipe: Recipe, model, mixture, state, dist):
+    from torch.utils.data import DataLoader
+
+    from ..data.conversation import ConversationEncoder
+    from ..data.mixture import MixtureDataset, StreamBatches
+    from ..data.transform import SampleTransform, collate
+
+    cfg = recipe.train
+    mcfg = model.cfg
+    encoder = ConversationEncoder(model.tokenizer, mcfg.prompt, mcfg.chain, "<image>", model.num_image_tokens)
+    transform = SampleTransform(mcfg, encoder, _exemplars(model, cfg.seed), model.clip_size, train=True, seed=cfg.seed)
+    dataset = MixtureDataset(mixture, transform, cfg.seed)
+    batches = StreamBatches(state.samples_consumed, cfg.steps - state.step, cfg.micro_batch_size, cfg.grad_accumulation, dist.rank, dist.world)
+    workers = recipe.data.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=partial(collate, pad_token_id=model.tokenizer.pad_token_id),
+        num_workers=workers,
+        # its own generator: creating the iterator must not draw from the global RNG, or a
+        # resumed run would see different dropout masks than the uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed),
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
+    return loader, batches
+
+
+def _exemplars(model, seed: int):
+    from .loading import exemplar_sampler
+
+    return exemplar_sampler(model, None, seed)
+
+
+def _mean_across_ranks(values: dict[str, float], device: torch.device, world: int) -> dict[str, float]:
+    if world == 1:
+        return dict(values)
+    import torch.distributed as tdist
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def _validate(module, recipe: Recipe, samples, exemplars, state, step: int, dist, metrics: MetricsLog | None, reporter: Reporter) -> None:
+    from . import train_state as ts
+    from .evaluate import evaluate
+
+    val = recipe.data.val
+    if dist.is_main:
+        reporter.evaluating(len(samples))
+    result = evaluate(
+        module,
+        samples,
+        batch_size=val.batch_size,
+        mode=val.mode,
+        exemplars=exemplars,
+        seed=recipe.train.seed,
+        progress=reporter.eval_progress if dist.is_main else None,
+    )
+    giou = result.metrics.get("giou")
+    is_best = giou is not None and (state.best_giou is None or giou > state.best_giou)
+    if is_best:
+        state.best_giou, state.best_step = float(giou), step
+    if dist.is_main:
+        plain = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) or v is None}
+        if is_best:
+            ts.write_best(module, Path(recipe.train.run_dir) / "checkpoints", step, plain, extra={"recipe": to_dict(recipe)})
+        if metrics is not None:
+            metrics.write({"kind": "eval", "step": step, **{k: v for k, v in plain.items() if v is not None}, "best_giou": state.best_giou, "eval_s": result.seconds})
+        reporter.evaluated(EvalReport(step, plain, state.best_giou, is_best, result.seconds))
+
+
+def _save(engine, model, recipe: Recipe, state, dist, reporter: Reporter) -> Path:
+    from . import deepspeed_setup as ds
+    from . import train_state as ts
+
+    tensors, steps = ds.export_optimizer_state(engine, model)  # collective under ZeRO
+    state.optimizer_steps = steps
+    state.scheduler = ds.scheduler_state(engine)
+    plain, rng_tensors = ts.capture_rng()
+    everyone = _gather((plain, rng_tensors), dist.world)
+    state.rng = [p for p, _ in everyone]
+    root = Path(recipe.train.run_dir) / "checkpoints"
+    path = root / ts.step_name(state.step)
+    if dist.is_main:
+        path = ts.write_training_checkpoint(model, root, state, tensors, [t for _, t in everyone], extra={"recipe": to_dict(recipe)})
+        ts.prune(root, recipe.train.keep_checkpoints)
+        reporter.saved(path, state.step)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+    return path
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as tdist
+
+    out: list = [None] * world
+    tdist.all_gather_object(out, obj)
+    return out
