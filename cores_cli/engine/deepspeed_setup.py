@@ -37,7 +37,18 @@ OPT_KEYS = ("exp_avg", "exp_avg_sq")
 def select_accelerator(device_type: str) -> None:
     """Tell DeepSpeed which accelerator to use; must run before ``deepspeed`` is imported
     (``--gpus 0`` on a GPU machine still trains on the CPU)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
+    os.environ["DS_ACCELERATOR"] = "cuda" if device_type == "cuda" else "cpu"
+
+
+def _check_accelerator(device_type: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name != device_type:
+        raise CoresError(
+            f"DeepSpeed was already set up for {name!r} in this process, but training runs on {device_type!r}; "
+            "run training in a fresh process (or set DS_ACCELERATOR before importing deepspeed)"
+        )
 
 
 def free_port() -> int:
@@ -71,6 +82,8 @@ def init_distributed(device: torch.device) -> DistInfo:
     select_accelerator(device.type)
     import deepspeed
     import torch.distributed as dist
+
+    _check_accelerator(device.type)
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

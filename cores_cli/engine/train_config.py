@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ModelConfig, _deep_merge, preset
+from ..config import ModelConfig, preset
 from ..configio import apply_overrides, dump_text, from_dict, read_mapping, to_dict
 from ..errors import ConfigError
 
@@ -143,6 +143,13 @@ class Recipe:
 
 
 RECIPE_PACKAGE = "cores_cli.recipes"
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def shipped_recipes() -> list[str]:
