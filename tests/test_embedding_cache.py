@@ -10,6 +10,15 @@ from cores_cli.engine.embedding_cache import attach_embedding_cache, detach_embe
 from cores_cli.errors import CoresError
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny ops: one thread is as fast, and immune to oversubscription on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def encoder_calls(model):
     calls = []
     handle = model.sam.image_encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))

@@ -19,6 +19,15 @@ from cores_cli.engine.predictor import Predictor
 from cores_cli.errors import CoresError
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny ops: one thread is as fast, and immune to oversubscription on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained_like_checkpoint(tmp_path_factory):
     """A tiny checkpoint whose LoRA, chain-token rows and decoder are far from their init, so a

@@ -97,7 +97,6 @@ def test_two_cpu_processes_split_the_stream_and_save_once(tmp_path):
     assert state.world_size == 2 and len(rng) == 2  # both ranks' RNG, written by rank 0
     assert state.samples_consumed == 2 * 2 * 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000002"]
-    # per-parameter optimizer state: a 2-process checkpoint resumes in one process
-    res = cores("train", "--gpus", "0", "--resume", "--run-dir", str(run), "--set", "train.steps=3")
-    assert res.returncode == 0, res.stderr
-    assert read_train_state(run / "checkpoints" / "step-000003")[0].samples_consumed == 8 + 2
+    assert any(k.endswith("::exp_avg") for k in optimizer)  # full per-parameter state, not rank shards
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["samples_seen"] for m in lines] == [4, 8]  # rank 0 logs once per step for both ranks
