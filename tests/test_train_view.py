@@ -46,3 +46,34 @@ def test_on_a_terminal_a_live_view_with_the_loss_parts_and_eta():
     view.close()
     text = out.getvalue()
     assert "3/20" in text and "dice 0.6000" in text and "ETA" in text and "samples/s" in text and "gIoU 0.2500" in text
+
+
+def test_metrics_log_appends_jsonl_feeds_tensorboard_and_drops_lines_after_a_resume_point(tmp_path, monkeypatch):
+    import json
+    import sys
+    import types
+
+    from cores_cli.engine.trainer import MetricsLog
+
+    scalars = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    log = MetricsLog(tmp_path, tensorboard=True, resume_step=None)
+    for s in (1, 2, 3):
+        log.write({"kind": "train", "step": s, "loss": 1.0 / s, "lr": 0.1})
+    log.write({"kind": "eval", "step": 3, "giou": 0.5})
+    log.close()
+    assert ("train/loss", 0.5, 2) in scalars and ("val/giou", 0.5, 3) in scalars and scalars[-1] == "closed"
+    MetricsLog(tmp_path, tensorboard=False, resume_step=2).close()  # resumed at step 2: step 3 is redone
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["kind"], m["step"]) for m in lines] == [("train", 1), ("train", 2)]

@@ -2,7 +2,8 @@
 
 ``cores train --gpus N`` builds the launcher command that runs this module N times per node;
 the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Rank 0 shows the
-progress; a user mistake prints one ``error:`` line (from rank 0) and exits 1.
+progress; a user mistake prints one ``error:`` line per rank (prefixed with the rank on ranks
+other than 0) and exits 1.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             reporter.close()
     except CoresError as exc:
-        if rank == 0:
-            fail(str(exc))  # prints the one-line error; the exit code is returned below
+        # every rank says why it stopped (an error on one rank only must not be silent)
+        fail(str(exc) if rank == 0 else f"rank {rank}: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130
