@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from cores_cli.cli.app import app
 
 runner = CliRunner()
-COMMANDS = ["build-context", "train", "eval", "predict", "make-reasonpart"]
+COMMANDS = ["build-context", "train", "eval", "predict", "make-reasonpart", "export"]
 
 
 def test_help_lists_every_subcommand():

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from cores_cli.cli.export import export as export_command
 from cores_cli.engine.checkpoint import load_checkpoint, save_checkpoint
-from cores_cli.engine.export import export_checkpoint, load_export
+from cores_cli.engine.checkpoint import load_checkpoint
+from cores_cli.engine.export import export_checkpoint
 from cores_cli.engine.predictor import Predictor
 from cores_cli.errors import CoresError
 
@@ -69,11 +70,12 @@ def test_export_predicts_the_same_masks_as_its_checkpoint(trained_like_checkpoin
     assert (out / "llava" / "tokenizer.json").is_file() and not (out / "adapter").exists()
 
 
-def test_a_moved_export_loads_with_load_export(trained_like_checkpoint, tmp_path):
+def test_a_moved_export_still_loads(trained_like_checkpoint, tmp_path):
     out = export_checkpoint(trained_like_checkpoint, tmp_path / "a", dtype="bf16")
     moved = tmp_path / "b"
     shutil.move(str(out), str(moved))
-    model, report = load_export(moved)
+    assert json.loads((moved / "config.json").read_text())["model"]["mllm"]["path"] == "llava"
+    model, report = load_checkpoint(moved)
     assert not report.missing and model.cfg.mllm.path == str(moved / "llava")
     assert json.loads((moved / "config.json").read_text())["extra"]["dtype"] == "bf16"
 

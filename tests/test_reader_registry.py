@@ -91,3 +91,9 @@ def test_every_family_dispatches(tmp_path):
         assert x.sample_id == y.sample_id and x.rounds == y.rounds
         h, w = (8, 8) if x is s or x is r else (4, 4) if x in (a, p) else (128, 128)
         assert np.array_equal(x.rounds[0].target.rasterize(h, w), y.rounds[0].target.rasterize(h, w))
+
+
+def test_an_unknown_option_is_an_error_even_when_its_value_is_none():
+    # YAML reads "{n:8}" as the key "n:8" with the value None: it must not vanish silently
+    with pytest.raises(CoresError, match="unknown option 'n:8'"):
+        load_samples("synthetic:val", **{"n:8": None})

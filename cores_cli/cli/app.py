@@ -7,6 +7,7 @@ import typer
 from .. import __version__
 from .build_context import build_context
 from .evaluate import evaluate
+from .export import export
 from .make_reasonpart import make_reasonpart
 from .predict import predict
 from .train import train
@@ -25,6 +26,7 @@ app.command("train")(train)
 app.command("eval")(evaluate)
 app.command("predict")(predict)
 app.command("make-reasonpart")(make_reasonpart)
+app.command("export")(export)
 
 
 def _version(value: bool) -> None:

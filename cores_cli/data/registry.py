@@ -135,9 +135,11 @@ def parse_name(name: str) -> DatasetName:
 def load_samples(name: str, data_root: Path | str | None = None, **opts: Any) -> list[SegSample]:
     """Parse ``name``, check the options, and run its reader. See the module docstring."""
     spec = parse_name(name)
-    opts = {k: v for k, v in opts.items() if v is not None}
     allowed = _OPTIONS[spec.family]
+    # unknown keys are checked before None values are dropped: a typo whose value parsed as
+    # None (e.g. YAML's "{n:8}", a key "n:8") must not vanish silently
     bad = sorted(set(opts) - set(allowed))
+    opts = {k: v for k, v in opts.items() if v is not None}
     if bad:
         raise CoresError(f"{spec}: unknown option {bad[0]!r}; {spec.dataset} takes {', '.join(allowed)}")
     if spec.subset is not None:

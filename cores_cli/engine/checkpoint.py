@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from .. import __version__
-from ..config import ModelConfig
+from ..config import ModelConfig, replace
 from ..configio import from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_directory
@@ -140,13 +140,27 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
 
 
+def resolve_base_paths(cfg: ModelConfig, checkpoint_dir: Path) -> ModelConfig:
+    """Base-weight paths written relative (an export's ``llava/``) are relative to the
+    checkpoint directory, so a checkpoint can be moved or copied whole."""
+
+    def fix(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute():
+            return value
+        return str(checkpoint_dir / value)
+
+    mllm = replace(cfg.mllm, path=fix(cfg.mllm.path), tokenizer=fix(cfg.mllm.tokenizer))
+    return replace(cfg, mllm=mllm, sam=replace(cfg.sam, checkpoint=fix(cfg.sam.checkpoint)))
+
+
 def load_checkpoint(path: str | Path, overrides: ModelConfig | None = None, allow_missing: bool = False) -> tuple[CoresModel, CheckpointReport]:
     """Build the model a checkpoint describes and load its weights (fp32, current device).
 
     ``overrides`` replaces the stored config (e.g. with ``--set`` changes of base paths).
+    Relative base paths in the config are read relative to the checkpoint directory.
     """
     p = Path(path)
-    cfg = overrides or read_checkpoint_config(p)
+    cfg = resolve_base_paths(overrides or read_checkpoint_config(p), p)
     tok_dir = p / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"checkpoint {p} has no tokenizer/tokenizer.json")

@@ -8,14 +8,14 @@ Layout of an export (itself a cores checkpoint, so ``cores predict -c OUT`` and
                              (peft ``merge_and_unload``), the chain-token rows written into the
                              embedding and lm_head matrices, the tokenizer with [LOC] [POS] [SEG];
                              ``LlavaForConditionalGeneration.from_pretrained(OUT/llava)`` loads it
-      config.json            the model config with ``lora.enabled: false``, ``mllm.path: OUT/llava``
-                             (absolute) and ``sam.checkpoint: null``
+      config.json            the model config with ``lora.enabled: false``, ``mllm.path: llava``
+                             (relative to OUT) and ``sam.checkpoint: null``
       tokenizer/             the same tokenizer
       weights.safetensors    everything that is not LLaVA: SAM (all of it), β, the token refiner,
                              the chain-token rows
 
-The absolute ``mllm.path`` lets the directory be used in place; after moving it, load it with
-:func:`load_export`, which points ``mllm.path`` at the ``llava/`` beside its ``config.json``.
+The relative ``mllm.path`` is read against the export's own directory, so it can be moved or
+copied whole and still loads with ``load_checkpoint`` / ``cores predict -c``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from peft import PeftModel
 
 from ..errors import CoresError
 from ..fileio import atomic_directory
-from ..model.cores import CoresModel
 from ..runtime import DTYPES
-from .checkpoint import CheckpointReport, load_checkpoint, read_checkpoint_config, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
@@ -49,12 +48,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     # the chain-token rows live in a side module; a plain HF model needs them in its matrices
     model.token_rows.write_into(merged.get_input_embeddings(), merged.get_output_embeddings())
     model.mllm = merged
-    final_llava = (dest / "llava").resolve()
     cfg = model.cfg
     model.cfg = dataclasses.replace(
         cfg,
         lora=dataclasses.replace(cfg.lora, enabled=False),
-        mllm=dataclasses.replace(cfg.mllm, path=str(final_llava), tokenizer=None),
+        mllm=dataclasses.replace(cfg.mllm, path="llava", tokenizer=None),
         sam=dataclasses.replace(cfg.sam, checkpoint=None),
         train_extra=(),
     )
@@ -65,14 +63,3 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
         merged.save_pretrained(tmp / "llava", safe_serialization=True)
         model.tokenizer.save_pretrained(tmp / "llava")
     return dest
-
-
-def load_export(path: str | Path, overrides=None) -> tuple[CoresModel, CheckpointReport]:
-    """Load an export wherever it now lives (its ``mllm.path`` re-pointed at ``path/llava``)."""
-    p = Path(path)
-    cfg = overrides or read_checkpoint_config(p)
-    if not (p / "llava" / "config.json").is_file():
-        raise CoresError(f"{p} is not a cores export (no llava/config.json)")
-    cfg = dataclasses.replace(cfg, mllm=dataclasses.replace(cfg.mllm, path=str(p / "llava")))
-    return load_checkpoint(p, overrides=cfg)
-

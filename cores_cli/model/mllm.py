@@ -152,10 +152,18 @@ def load_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaFor
     p = Path(path)
     if not (p / "config.json").is_file():
         raise CheckpointError(f"not an HF LLaVA directory (no config.json): {p}")
+    # transformers draws its own progress bar on stderr; ours report progress themselves
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         return LlavaForConditionalGeneration.from_pretrained(p, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load LLaVA from {p}: {str(exc).splitlines()[0]}") from None
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def fit_vocabulary(model: LlavaForConditionalGeneration, vocab_size: int) -> None:
