@@ -196,10 +196,12 @@ def test_later_levels_take_the_previous_mask_as_a_dense_prompt():
     handle = model.sam.mask_decoder.register_forward_pre_hook(lambda m, a, k: dense.append(k["dense_prompt_embeddings"].detach().clone()), with_kwargs=True)
     out = model(batch)
     handle.remove()
+    # the decoder receives dense prompt + image embedding (one batched call; see decode_masks)
+    image = model.encode_images(batch.sam_images)[batch.target_image_index]
     no_mask = model.sam.prompt_encoder.no_mask_embed.weight.reshape(-1)
-    assert torch.allclose(dense[0][0, :, 0, 0], no_mask)
+    assert torch.allclose((dense[0] - image)[0, :, 0, 0], no_mask, atol=1e-6)
     expected = model.sam.prompt_encoder.mask_downscaling(out.level_logits[0])
-    assert torch.allclose(dense[1], expected, atol=1e-6)
+    assert torch.allclose(dense[1] - image, expected, atol=1e-5)
 
 
 def test_in_context_switch_adds_exemplars_to_the_prompt_only():
@@ -248,3 +250,20 @@ def test_model_follows_its_parameters_dtype():
     out = model(batch)
     assert out.final_logits.dtype == torch.bfloat16
     assert torch.isfinite(out.loss)
+
+
+def test_batched_decoder_pass_equals_sams_image_by_image_calls():
+    from cores_cli.model.chain import decode_masks, image_positional_encoding
+
+    model = build_tiny()
+    sam = model.sam
+    torch.manual_seed(0)
+    emb = torch.randn(3, 64, 8, 8)
+    index = torch.tensor([0, 2, 2, 1, 0])
+    sparse = torch.randn(5, 1, 64)
+    dense = torch.randn(5, 64, 8, 8)
+    batched = decode_masks(sam, emb, index, sparse, dense)
+    for n in range(5):
+        b = int(index[n])
+        one, _ = sam.mask_decoder(emb[b : b + 1], image_positional_encoding(sam), sparse[n : n + 1], dense[n : n + 1], multimask_output=False)
+        assert torch.allclose(batched[n], one[0], atol=1e-5), n

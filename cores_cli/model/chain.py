@@ -99,25 +99,21 @@ def decode_masks(
 ) -> torch.Tensor:
     """One mask-decoder pass for N prompts over B images → low-res logits (N, 1, m, m).
 
-    SAM's decoder repeats the image embedding once per prompt of a *single* image, so prompts
-    are decoded image by image (as LISA does) and put back in their original order.
+    SAM's decoder repeats one image embedding for every prompt it is given, so LISA calls it
+    image by image. Its first step is ``src = image_embedding + dense_prompt``; giving it a zero
+    image embedding and each prompt's own image embedding folded into the dense prompt computes
+    the same sum for all N prompts in one batched call, through SAM's public API.
     """
     image_pe = image_positional_encoding(sam).to(image_embeddings.dtype)
-    out = None
-    for b in torch.unique(image_index).tolist():
-        rows = (image_index == b).nonzero(as_tuple=True)[0]
-        logits, _ = sam.mask_decoder(
-            image_embeddings=image_embeddings[b : b + 1],
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse[rows],
-            dense_prompt_embeddings=dense[rows],
-            multimask_output=False,
-        )
-        if out is None:
-            out = logits.new_zeros((sparse.shape[0],) + tuple(logits.shape[1:]))
-        out = out.index_copy(0, rows, logits)
-    assert out is not None, "decode_masks needs at least one prompt"
-    return out
+    zero = image_embeddings.new_zeros((1,) + tuple(image_embeddings.shape[1:]))
+    logits, _ = sam.mask_decoder(
+        image_embeddings=zero,
+        image_pe=image_pe,
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense + image_embeddings[image_index],
+        multimask_output=False,
+    )
+    return logits
 
 
 def segment_chain(
