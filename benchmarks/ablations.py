@@ -1,6 +1,6 @@
 """The paper's Tables 3, 4 and 5 in miniature, on the synthetic benchmark.
 
-    python benchmarks/ablations.py --out runs/ablations --steps 1500 --seeds 0 1 2 --jobs 2
+    python benchmarks/ablations.py --out runs/ablations --steps 2000 --seeds 0 1 2 --jobs 2
     python benchmarks/ablations.py --out runs/ablations --report     # the table from what is done
 
 Every configuration trains the tiny model from scratch with the shipped ``tiny-synthetic``
@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/ablations"))
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps per run (the same budget for all)")
+    ap.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (the same budget for all)")
     ap.add_argument("--train-n", type=int, default=10000, help="synthetic training scenes")
     ap.add_argument("--val-n", type=int, default=50)
     ap.add_argument("--eval-n", type=int, default=200, help="scenes of synthetic:val and :test scored per run")

@@ -56,3 +56,19 @@ def test_predict_and_eval_need_no_model_argument(tmp_path):
     result = runner.invoke(app, ["eval", "--dataset", "synthetic:val", "--opt", "n=8", "--json"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["metrics"]["n"] == 8
+
+
+def test_without_the_embedded_model_the_error_says_what_to_pass(monkeypatch, tmp_path):
+    import cores_cli.engine.loading as loading
+
+    monkeypatch.setattr(loading, "embedded_checkpoint", lambda: None)
+    result = runner.invoke(app, ["predict", "--example", "-o", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "no embedded default" in result.stderr and "--checkpoint" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_checkpoint_and_preset_together_are_refused(tmp_path):
+    result = runner.invoke(app, ["predict", "--example", "-c", str(embedded_checkpoint()), "--preset", "tiny", "-o", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "either --checkpoint or --preset" in result.stderr
