@@ -129,6 +129,16 @@ def report(out: Path) -> str:
             cells = [mean_std([r[s][m] for r in rs]) for s in SPLITS for m in ("giou", "ciou")]
             lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ["**Every run** (val / test gIoU; a mean over seeds hides whether a run left the early plateau)", "",
+              "| configuration | " + " | ".join(f"seed {s}" for s in sorted({r["seed"] for rs in runs.values() for r in rs})) + " |",
+              "|---|" + "---|" * len({r["seed"] for rs in runs.values() for r in rs})]
+    seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
+    for name in CONFIGS:
+        by_seed = {r["seed"]: r for r in runs.get(name, [])}
+        if by_seed:
+            cells = [f"{100 * by_seed[s]['val']['giou']:.1f} / {100 * by_seed[s]['test']['giou']:.1f}" if s in by_seed else "—" for s in seeds]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
     steps = {r["steps"] for rs in runs.values() for r in rs}
     secs = [r["train_seconds"] for rs in runs.values() for r in rs]
     if secs:
