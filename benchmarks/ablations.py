@@ -31,6 +31,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cores_cli.engine.train_state import find_resume_checkpoint  # noqa: E402
+
 CONFIGS: dict[str, list[str]] = {
     "depth1": ["model.chain.depth=1"],
     "cores": [],
@@ -82,7 +86,7 @@ def run_one(out: Path, name: str, seed: int, args: argparse.Namespace, threads: 
     t0 = time.perf_counter()
     _check(subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(threads)), f"training {name} seed {seed}")
     train_s = time.perf_counter() - t0
-    ckpt = _latest(run_dir)
+    ckpt = find_resume_checkpoint(run_dir / "checkpoints")
     scores = {"config": name, "seed": seed, "steps": args.steps, "train_seconds": round(train_s, 1)}
     for split in SPLITS:
         res = subprocess.run(
@@ -94,12 +98,6 @@ def run_one(out: Path, name: str, seed: int, args: argparse.Namespace, threads: 
         scores[split] = {"giou": metrics["giou"], "ciou": metrics["ciou"], "n": metrics["n"]}
     done.write_text(json.dumps(scores, indent=2) + "\n")
     return scores
-
-
-def _latest(run_dir: Path) -> Path:
-    pointer = (run_dir / "checkpoints" / "latest").read_text().strip()
-    p = Path(pointer)
-    return p if p.is_absolute() else run_dir / "checkpoints" / pointer
 
 
 def _check(res: subprocess.CompletedProcess, what: str) -> None:
@@ -129,10 +127,9 @@ def report(out: Path) -> str:
             cells = [mean_std([r[s][m] for r in rs]) for s in SPLITS for m in ("giou", "ciou")]
             lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["**Every run** (val / test gIoU; a mean over seeds hides whether a run left the early plateau)", "",
-              "| configuration | " + " | ".join(f"seed {s}" for s in sorted({r["seed"] for rs in runs.values() for r in rs})) + " |",
-              "|---|" + "---|" * len({r["seed"] for rs in runs.values() for r in rs})]
     seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
+    lines += ["**Every run** (val / test gIoU; a mean over seeds hides whether a run left the early plateau)", "",
+              "| configuration | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for name in CONFIGS:
         by_seed = {r["seed"]: r for r in runs.get(name, [])}
         if by_seed:

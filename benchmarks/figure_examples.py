@@ -24,6 +24,7 @@ from cores_cli.data.registry import load_samples  # noqa: E402
 from cores_cli.engine.checkpoint import load_checkpoint  # noqa: E402
 from cores_cli.engine.loading import exemplar_sampler  # noqa: E402
 from cores_cli.engine.predictor import Predictor  # noqa: E402
+from cores_cli.engine.train_state import find_resume_checkpoint  # noqa: E402
 from cores_cli.metrics import intersection_union, target_iou  # noqa: E402
 
 SCALE = 2
@@ -32,8 +33,7 @@ COLOURS = {"lisa": (255, 160, 0), "loc": (30, 144, 255), "final": (0, 200, 90), 
 
 def checkpoint_dir(path: Path) -> Path:
     """A checkpoint, or a run directory (its latest checkpoint)."""
-    latest = path / "checkpoints" / "latest"
-    return path / "checkpoints" / latest.read_text().strip() if latest.is_file() else path
+    return find_resume_checkpoint(path / "checkpoints") or path
 
 
 def tint(pixels: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
