@@ -98,3 +98,46 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+class OutputLocked(Exception):
+    """Another process holds the lock of an output; ``holder`` says who, when it could tell."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is locked by {holder}")
+        self.path = path
+        self.holder = holder
+
+
+def lock_path_for(output: str | Path) -> Path:
+    """The lock file of an output file or folder: ``.NAME.lock`` beside it."""
+    p = Path(output)
+    return p.with_name(f".{p.name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive_lock(output: str | Path, lock_file: str | Path | None = None) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking lock on ``output`` for the duration of the block.
+
+    Two writers of one output (a library file, a run folder) would interleave their appends; the
+    second must be refused, not queued. The lock is an ``flock`` on ``.NAME.lock`` beside the
+    output (or ``lock_file``, e.g. inside an output folder), so the kernel drops it when the holder dies (a SIGKILL leaves no stale lock to clear
+    by hand). The file records the holder's pid for the message; it is left in place afterwards
+    because removing it would race with a third process opening it.
+    """
+    import fcntl
+
+    lock = Path(lock_file) if lock_file is not None else lock_path_for(output)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            raise OutputLocked(Path(output), f"process {holder}" if holder.isdigit() else "another process") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

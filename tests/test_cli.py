@@ -36,3 +36,22 @@ def test_a_missing_input_file_is_one_error_line(tmp_path):
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("cores ")
+
+
+def test_user_text_in_errors_and_tables_is_printed_as_written(capsys):
+    """Rich would turn ':train:' into an emoji and '[bold]' into a style; user text must survive."""
+    from rich.table import Table
+
+    from cores_cli.cli.common import err_console, fail, warn
+
+    text = "dataset reasonseg:train: missing; path runs/[bold]x[/bold]/a :smile:"
+    fail(text)
+    warn(text)
+    table = Table()
+    table.add_column("what")
+    table.add_row(text)
+    with err_console.capture() as captured:
+        err_console.print(table)
+    err = capsys.readouterr().err
+    assert f"error: {text}" in err and f"warning: {text}" in err
+    assert "runs/[bold]x[/bold]/a :smile:" in captured.get().replace("\n", "")

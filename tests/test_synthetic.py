@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +176,6 @@ def test_other_image_sizes_scale_the_scene():
     assert (s.rounds[0].target.rasterize(256, 256) == 1).sum() > 0
 
 
-def test_generation_is_fast():
-    start = time.perf_counter()
-    load_synthetic("train", n=300)
-    assert time.perf_counter() - start < 10.0  # ~1000 samples take ~2 s on this machine's CPU
+def test_default_split_sizes():
+    # generation speed is a benchmark's business (docs/PERFORMANCE.md), not a timed test's
     assert synthetic.DEFAULT_SIZES == {"train": 2000, "val": 200, "test": 200}

@@ -16,7 +16,9 @@ from ..errors import CoresError
 F = TypeVar("F", bound=Callable[..., object])
 
 # Progress, tables and messages go to stderr so stdout stays clean for --json consumers.
-err_console = Console(stderr=True, highlight=False)
+# Messages and table cells quote user text (paths, queries, dataset names like "reasonseg:train"):
+# Rich must print it as written, so markup and :emoji: codes are off unless a call asks for markup.
+err_console = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -107,7 +107,7 @@ class TrainView:
             self.console.print(Text(f"checkpoint {path}"), soft_wrap=True)
 
     def message(self, text: str) -> None:
-        self.console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
+        self.console.print(f"[yellow]note:[/] {escape(text)}", markup=True, soft_wrap=True)
 
     def close(self) -> None:
         if self.live is not None:
