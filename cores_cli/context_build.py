@@ -7,7 +7,10 @@ the three chain levels of a small batch of objects drawn from the training sets'
 (:func:`cores_cli.contexts.validate_exemplar`), duplicates are rejected, and accepted entries
 are appended to the output file one whole line at a time.
 
-Writing and resuming. Each accepted line is written with a single ``os.write`` on an
+Writing and resuming. The run holds an exclusive lock on the output (``.NAME.lock`` beside it,
+:func:`cores_cli.fileio.exclusive_lock`) from before it reads the file until it returns, so a
+second run on the same file is refused with the first one's pid instead of asking for the same
+objects and appending duplicates. Each accepted line is written with a single ``os.write`` on an
 ``O_APPEND`` descriptor and fsynced, so the file only ever grows by whole lines, except that a
 crash or power loss in the middle of that write could leave a torn last line. On start the
 file is read back: a last line without its newline is such a torn write and is cut off (the
@@ -16,12 +19,22 @@ the file and line, since that file was edited by hand and silently dropping line
 work. The valid entries count towards ``n``, once per object (:func:`object_key`: "Dog Paws"
 and "dog paw" are one object), and their objects are not asked for again.
 
-Failures. The client's own retries are off (``max_retries=0``) so that this module decides:
-HTTP 429, 5xx, timeouts and connection errors are retried with exponential back-off (honouring
+Failures. The client's own retries are off (``max_retries=0``) so that this module decides.
+``timeout`` is a deadline for the whole of one attempt, from connecting to the last byte of the
+reply: the HTTP call runs on a thread of its own (:func:`call_with_deadline`) and is abandoned
+when the deadline passes, since the client's own timeout only bounds each read and a server
+that trickles bytes would never trip it. An abandoned attempt keeps nothing but a private slot
+that nobody reads any more, so a reply that arrives late can never be written. HTTP 429, 5xx,
+timeouts and connection errors are retried with exponential back-off (honouring
 ``Retry-After``); other HTTP errors (401, 403, 404, 400) would fail the same way for every
-request, so they stop the run at once. After ``max_failed_requests`` requests failed for good,
-or ``max_barren_replies`` replies in a row without one acceptable entry (a model that cannot
-follow the format), the run stops too, rather than walking the whole vocabulary in vain.
+request, so they stop the run at once. :data:`REFUSED_ATTEMPTS` refused connections in a row
+stop the run, naming the URL: nothing listens there, and waiting will not change that. The run
+also stops after ``max_consecutive_failures`` attempts
+in a row, across all requests, got no usable answer (timeouts, connection errors, 5xx; a 429
+neither counts nor breaks the streak), after ``max_failed_requests`` requests failed for good,
+or after ``max_barren_replies`` replies in a row without one acceptable entry (a model that
+cannot follow the format), rather than walking the whole vocabulary in vain. Requests still in
+flight when the run stops are abandoned, not waited for.
 
 The API key is passed in by the caller and only ever handed to the ``openai`` client. Messages
 carry no server text except a refusal's error message, and that goes through :func:`redact`
@@ -30,12 +43,14 @@ first, because servers echo keys in their error messages ("Incorrect API key pro
 Shared with ``cores make-reasonpart`` (:mod:`cores_cli.reasonpart_build`): the chat settings
 (:class:`ChatSettings`), the key, the client, retries (:func:`call_with_retries`), the
 append-only output with torn-tail repair, JSON replies (:func:`reply_json`), the run summary
-(:class:`RunSummary`) and the concurrent request loop (:class:`ChatLoop`), whose stop rules
-(a refusal, ``max_failed_requests``, ``max_barren_replies``) are the same for both commands.
+(:class:`RunSummary`) and the concurrent request loop (:class:`ChatLoop`), whose deadline and
+stop rules (a refusal, a refused connection, ``max_consecutive_failures``,
+``max_failed_requests``, ``max_barren_replies``) are the same for both commands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -44,7 +59,7 @@ import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +71,7 @@ from .contexts import (
     LEVELS,
     Vocabulary,
     default_seeds_path,
+    default_vocabulary_path,
     load_library,
     load_vocabulary,
     make_exemplar,
@@ -63,9 +79,11 @@ from .contexts import (
     validate_exemplar,
 )
 from .errors import CoresError
+from .fileio import OutputLocked, exclusive_lock
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
 NO_KEY_PLACEHOLDER = "no-key-needed"  # sent to local servers when OPENAI_API_KEY is unset
+REFUSED_ATTEMPTS = 2  # refused connections in a row (across requests) that stop the run
 
 SYSTEM_PROMPT = """\
 You write short text examples that teach an image segmentation assistant to reason from \
@@ -99,11 +117,12 @@ class ChatSettings:
     base_url: str | None = None
     temperature: float = 0.7
     concurrency: int = 4
-    timeout: float = 60.0  # seconds per request
+    timeout: float = 60.0  # deadline in seconds for one attempt, from connecting to the last byte
     retries: int = 5  # retries of one request on 429, 5xx, timeouts, connection errors
     backoff: float = 1.0  # first back-off delay in seconds, doubled on each retry
     max_backoff: float = 60.0
     max_failed_requests: int = 10
+    max_consecutive_failures: int = 8  # attempts in a row, across requests, without a usable answer
     max_barren_replies: int = 20  # stop after this many replies in a row with nothing accepted
     json_mode: bool = True  # ask for response_format=json_object (some local servers lack it)
     seed: int = 0
@@ -259,7 +278,7 @@ def repair_torn_tail(path: Path) -> bool:
 
 def read_existing(path: Path) -> list[Exemplar]:
     """The entries of an existing output file (all of its complete lines must be valid)."""
-    if not path.is_file() or not path.read_text(encoding="utf-8").strip():
+    if not path.is_file() or not path.read_bytes().strip():
         return []
     try:
         return load_library(path)
@@ -270,12 +289,17 @@ def read_existing(path: Path) -> list[Exemplar]:
 def append_line(path: Path, line: str) -> None:
     """Append one whole line with a single write, then fsync (see module docstring)."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CoresError(f"could not open {path} to append: {exc.strerror or exc}") from None
     try:
         written = os.write(fd, data)
         if written != len(data):  # a short write on a regular file means the disk is full
             raise CoresError(f"could not write to {path} (disk full?)")
         os.fsync(fd)
+    except OSError as exc:
+        raise CoresError(f"could not write to {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
 
@@ -360,30 +384,77 @@ def _retry_after(exc: Exception) -> float | None:
         return None
 
 
+class DeadlinePassed(Exception):
+    """An attempt that did not finish within its deadline; it was abandoned."""
+
+
+def call_with_deadline(client, request: dict, deadline: float):
+    """``client.chat.completions.create(**request)``, given up after ``deadline`` seconds in all.
+
+    The client's own timeout applies to each read, so a server that sends a byte now and then
+    keeps one attempt alive for ever. Here the call runs on a daemon thread and the caller stops
+    waiting at the deadline. The thread's outcome goes into a slot only this call reads, so an
+    abandoned attempt that completes later has nowhere to deliver its reply: it is dropped.
+    Raises :class:`DeadlinePassed`, or whatever the call raised.
+    """
+    slot: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def attempt() -> None:
+        try:
+            slot["response"] = client.chat.completions.create(**request)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as is
+            slot["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=attempt, name="chat-attempt", daemon=True).start()
+    if not finished.wait(deadline):
+        raise DeadlinePassed(f"no complete reply within {deadline:g} s")
+    if "error" in slot:
+        raise slot["error"]
+    return slot["response"]
+
+
+def _is_refused(exc: BaseException) -> bool:
+    """Whether a connection error was a refused connection (nothing listens at the address)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def call_with_retries(
     client,
     request: dict,
     options: RetrySettings,
     on_attempt: Callable[[str | None, bool], None],
     rng: random.Random,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], Any] = time.sleep,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> str | None:
     """One chat completion, retried on transient errors; returns the reply's content.
 
+    Every attempt has ``options.timeout`` seconds in all (:func:`call_with_deadline`).
     ``on_attempt(reason, will_retry)`` is called after every attempt with the transient error's
-    reason (None on success) and whether another attempt follows, so the caller can count
-    requests and retries.
+    reason (None on an answer) and whether another attempt follows, so the caller can count
+    requests and retries and decide to stop; ``should_stop()`` is asked before and after each
+    back-off (the run may have ended meanwhile).
     """
     import openai
 
     for attempt in range(options.retries + 1):
         retry_after: float | None = None
         try:
-            response = client.chat.completions.create(**request)
-        except openai.APITimeoutError:
+            response = call_with_deadline(client, request, options.timeout)
+        except (DeadlinePassed, openai.APITimeoutError):
             reason = "timeout"
-        except openai.APIConnectionError:
-            reason = "connection error"
+        except openai.APIConnectionError as exc:
+            reason = "connection refused" if _is_refused(exc) else "connection error"
         except openai.APIStatusError as exc:
             code = exc.status_code
             if code != 429 and code < 500:
@@ -394,10 +465,13 @@ def call_with_retries(
             on_attempt(None, False)
             choices = getattr(response, "choices", None) or []
             return choices[0].message.content if choices else None
-        on_attempt(reason, attempt < options.retries)
-        if attempt == options.retries:
+        last = attempt == options.retries or should_stop()
+        on_attempt(reason, not last)
+        if last:
             raise RequestFailed(reason)
         sleep(backoff_delay(attempt, options, retry_after, rng))
+        if should_stop():
+            raise RequestFailed(reason)
     raise AssertionError("unreachable")
 
 
@@ -468,31 +542,71 @@ def build_context(
         raise CoresError("--n must be at least 1")
     out = Path(options.out)
     summary = BuildSummary(target=options.n, out=str(out), model=options.model)
-    vocabulary = load_vocabulary(options.vocabulary)
-    seeds = load_library(options.seeds or default_seeds_path())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    summary.torn_tail_removed = repair_torn_tail(out)
-    keys = {object_key(e.object) for e in read_existing(out)}
-    summary.existing = len(keys)
-    need = options.n - summary.existing
-    if need <= 0:
-        return summary
-    pool = deque(candidate_objects(vocabulary, keys, options.seed))
-    if len(pool) < need:
-        raise CoresError(
-            f"--n {options.n} needs {need} more exemplars but only {len(pool)} vocabulary objects are not in "
-            f"{out} yet (one exemplar per object); lower --n or give a larger --vocabulary"
-        )
-    runner = _Runner(options, api_key, make_client(options, api_key), summary, on_progress, seeds, keys, pool)
-    runner.run()
+    vocabulary_path = options.vocabulary or default_vocabulary_path()
+    seeds_path = options.seeds or default_seeds_path()
+    check_output_file(out, {"--seeds": seeds_path, "--vocabulary": vocabulary_path})
+    vocabulary = load_vocabulary(vocabulary_path)
+    seeds = load_library(seeds_path)
+    with lock_output(out, "build-context"):
+        summary.torn_tail_removed, existing = resume_output(out)
+        keys = {object_key(e.object) for e in existing}
+        summary.existing = len(keys)
+        need = options.n - summary.existing
+        if need <= 0:
+            return summary
+        pool = deque(candidate_objects(vocabulary, keys, options.seed))
+        if len(pool) < need:
+            raise CoresError(
+                f"--n {options.n} needs {need} more exemplars but only {len(pool)} vocabulary objects are not in "
+                f"{out} yet (one exemplar per object); lower --n or give a larger --vocabulary"
+            )
+        runner = _Runner(options, api_key, make_client(options, api_key), summary, on_progress, seeds, keys, pool)
+        runner.run()
     return summary
+
+
+def check_output_file(out: Path, inputs: Mapping[str, Path]) -> None:
+    """Refuse an ``--out`` that is a folder, sits under a file, or is one of the ``inputs``."""
+    if out.is_dir():
+        raise CoresError(f"--out {out} is a folder; give the library file inside it, e.g. {out / 'library.jsonl'}")
+    for option, path in inputs.items():
+        if out.exists() and Path(path).exists() and out.resolve() == Path(path).resolve():
+            raise CoresError(f"--out {out} is the {option} file; write the library to a file of its own")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CoresError(f"cannot create the folder of --out {out}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def lock_output(out: Path, command: str) -> Iterator[None]:
+    """Hold the output's lock for the whole run; a second writer is refused, naming the first."""
+    try:
+        with exclusive_lock(out):
+            yield
+    except OutputLocked as exc:
+        raise CoresError(
+            f"{out} is being written by {exc.holder} (another {command} run?); "
+            "wait for it to finish, or give another --out"
+        ) from None
+
+
+def resume_output(out: Path) -> tuple[bool, list[Exemplar]]:
+    """Cut a torn last line of ``out`` and read the entries it already holds."""
+    try:
+        torn = repair_torn_tail(out)
+        return torn, read_existing(out)
+    except OSError as exc:
+        raise CoresError(f"cannot read or repair {out} to resume: {exc.strerror or exc}") from None
 
 
 def check_chat_settings(settings: ChatSettings, api_key: str) -> None:
     """Refuse settings that cannot work, before any request."""
-    for name in ("concurrency", "max_failed_requests", "max_barren_replies"):
+    options = {"concurrency": "--concurrency", "max_failed_requests": "--max-failures",
+               "max_consecutive_failures": "--max-consecutive-failures", "max_barren_replies": "--max-barren-replies"}
+    for name, option in options.items():
         if getattr(settings, name) < 1:
-            raise CoresError(f"--{name.replace('_', '-')} must be at least 1")
+            raise CoresError(f"{option} must be at least 1")
     if settings.retries < 0 or settings.timeout <= 0 or settings.backoff < 0:
         raise CoresError("--retries and --backoff must be ≥ 0 and --timeout > 0")
     if api_key and api_key != NO_KEY_PLACEHOLDER and api_key in settings.model:
@@ -513,8 +627,11 @@ class ChatLoop:
     returning how many entries it accepted) and with a request that failed for good
     (:meth:`handle_failure`); the loop keeps ``settings.concurrency`` requests in flight, counts
     requests, retries and failures into the summary, and stops on a refusal (HTTP 4xx other than
-    429), after ``max_failed_requests`` failures, or after ``max_barren_replies`` replies in a row
-    that gave nothing (a model that cannot follow the format would otherwise walk the whole pool).
+    429), on a refused connection, after ``max_consecutive_failures`` attempts in a row without a
+    usable answer, after ``max_failed_requests`` failures, or after ``max_barren_replies`` replies
+    in a row that gave nothing (a model that cannot follow the format would otherwise walk the
+    whole pool). When it stops, requests still in flight are abandoned: their replies are never
+    read, so nothing more is written, and the workers send nothing more.
 
     Daemon threads (rather than a ThreadPoolExecutor, whose threads are joined at exit) let
     Ctrl-C end the process at once; outputs are whole-lines-only at every instant anyway.
@@ -535,6 +652,13 @@ class ChatLoop:
         self.failed_requests = 0
         self.barren_replies = 0  # consecutive replies without an accepted entry
         self.stop_reason: str | None = None
+        # set by a worker (a streak of failed attempts) or by the loop when it ends: workers
+        # then send nothing more and cut their back-off short
+        self.halt = threading.Event()
+        self.halt_reason: str | None = None
+        self.streak: Counter[str] = Counter()  # attempts in a row without a usable answer, by reason
+        self.refused_in_a_row = 0
+        self.closed = False  # the run has returned: late attempt outcomes no longer count
 
     # ---- what subclasses provide
     def next_job(self, room: int) -> ChatJob | None:
@@ -565,16 +689,18 @@ class ChatLoop:
             w.start()
         try:
             self._submit()
-            while self.in_flight:
+            while self.in_flight and not self.stop_reason:
                 result = self.results.get()
                 self.in_flight -= 1
                 self.in_flight_units -= result.job.units
                 self._handle(result)
                 self._report()
-                if self.done() or self.stop_reason:
-                    continue  # no new work: let the requests in flight finish
-                self._submit()
+                if not (self.done() or self.stop_reason):
+                    self._submit()
         finally:
+            with self.lock:
+                self.closed = True
+            self.halt.set()
             for _ in workers:
                 self.jobs.put(None)
         if not self.done():
@@ -592,11 +718,15 @@ class ChatLoop:
     def _work(self) -> None:
         rng = random.Random()
         while (job := self.jobs.get()) is not None:
+            if self.halt.is_set():
+                continue  # the run is ending: send nothing more
             request = dict(model=self.o.model, messages=job.messages, temperature=self.o.temperature)
             if self.o.json_mode:
                 request["response_format"] = {"type": "json_object"}
             try:
-                content = call_with_retries(self.client, request, self.o, self._count_attempt, rng)
+                content = call_with_retries(
+                    self.client, request, self.o, self._count_attempt, rng, sleep=self.halt.wait, should_stop=self.halt.is_set
+                )
                 self.results.put(_Result(job, content=content))
             except RequestFailed as exc:
                 self.results.put(_Result(job, error=exc))
@@ -605,9 +735,36 @@ class ChatLoop:
 
     def _count_attempt(self, reason: str | None, will_retry: bool) -> None:
         with self.lock:
+            if self.closed:
+                return
             self.s.requests += 1
-            if reason and will_retry:
+            if reason is None:
+                self.streak.clear()  # an answer, even a refusal: the server is there
+            elif reason != "HTTP 429":  # asked to slow down: neither a failure nor an answer
+                self.streak[reason] += 1
+            self.refused_in_a_row = self.refused_in_a_row + 1 if reason == "connection refused" else 0
+            if not self.halt.is_set():
+                self._halt_on_streak()
+            if reason and will_retry and not self.halt.is_set():  # a halted worker does not retry
                 self.s.retried[reason] += 1
+
+    def _halt_on_streak(self) -> None:
+        """Stop the workers when the attempts in a row say the server is gone (under ``lock``)."""
+        url = safe_url(self.o.base_url)
+        failures = sum(self.streak.values())
+        if self.refused_in_a_row >= REFUSED_ATTEMPTS:
+            self.halt_reason = (
+                f"cannot connect to {url}: connection refused {self.refused_in_a_row} times in a row; "
+                "is the server running, and is --base-url right?"
+            )
+        elif failures >= self.o.max_consecutive_failures:
+            self.halt_reason = (
+                f"{failures} attempts in a row got no usable answer from {url} ({format_counts(self.streak)}); "
+                f"check that the server is up, or raise --timeout (now {self.o.timeout:g} s) if it is only slow"
+            )
+        else:
+            return
+        self.halt.set()
 
     def _handle(self, result: _Result) -> None:
         if result.error is not None:
@@ -622,12 +779,16 @@ class ChatLoop:
                     "check OPENAI_API_KEY, --model and --base-url",
                     self.key,
                 )
+            elif self.halt_reason:
+                self.stop_reason = self.halt_reason
             elif self.failed_requests >= self.o.max_failed_requests:
                 retries = f"{self.o.retries} {'retry' if self.o.retries == 1 else 'retries'}"
                 self.stop_reason = f"{self.failed_requests} requests failed after {retries} ({format_counts(self.s.failed)})"
             return
         accepted = self.handle_reply(result.job, result.content)
         self.barren_replies = 0 if accepted else self.barren_replies + 1
+        if self.halt_reason and not self.stop_reason:
+            self.stop_reason = self.halt_reason
         if self.barren_replies >= self.o.max_barren_replies and not self.stop_reason:
             self.stop_reason = (
                 f"{self.barren_replies} replies in a row had no acceptable entry ({format_counts(self.s.rejected)})"

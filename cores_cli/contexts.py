@@ -290,19 +290,29 @@ def default_vocabulary_path() -> Path:
 
 
 def load_library(path: str | Path | None = None) -> list[Exemplar]:
-    """Load and validate a library; errors name the file and line."""
+    """Load and validate a library; errors name the file and line (also for bytes that are not
+    UTF-8: lines are decoded one by one so that the message can say which)."""
     p = Path(path) if path is not None else default_library_path()
+    if p.is_dir():
+        raise CoresError(f"context library {p} is a folder; give the library's JSONL file")
     if not p.is_file():
         raise CoresError(f"context library not found: {p}")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise CoresError(f"cannot read context library {p}: {exc.strerror or exc}") from None
     out: list[Exemplar] = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(validate_exemplar(json.loads(line)))
-            except (json.JSONDecodeError, ValueError) as exc:
-                raise CoresError(f"{p}, line {lineno}: {exc}") from None
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CoresError(f"{p}, line {lineno}: not UTF-8 text; a library is UTF-8 JSONL") from None
+        if not line.strip():
+            continue
+        try:
+            out.append(validate_exemplar(json.loads(line)))
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise CoresError(f"{p}, line {lineno}: {exc}") from None
     if not out:
         raise CoresError(f"context library {p} holds no exemplars")
     return out
@@ -376,8 +386,12 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CoresError(f"vocabulary not found: {p}") from None
+    except UnicodeDecodeError:
+        raise CoresError(f"{p}: not UTF-8 text; a vocabulary is UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
         raise CoresError(f"{p}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CoresError(f"cannot read vocabulary {p}: {exc.strerror or exc}") from None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION or not isinstance(data.get("datasets"), dict):
         raise CoresError(f"{p}: expected {{'schema_version': {SCHEMA_VERSION}, 'datasets': {{...}}}}")
     classes: list[VocabularyClass] = []

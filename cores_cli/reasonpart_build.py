@@ -5,7 +5,11 @@ oceanic scene, which functional feature aids fish in steering and maintaining st
 currents?") on 2,957 PartImageNet val images and 4,465 PASCAL-Part images. This module does
 that for any COCO-format PartImageNet or PASCAL-Part file (read by
 :func:`cores_cli.data.parts.read_coco_parts`, so names, the "Tier" typo and polygons/RLE are
-handled as in training and evaluation).
+handled as in training and evaluation). The file is checked before anything is written
+(:func:`cores_cli.data.parts.check_coco_parts`): an image or category id given twice, a size that
+is not a positive whole number or a ``file_name`` outside ``--images`` (absolute, or with ``..``)
+is an error; annotations naming an unknown image or category are left out and counted in the
+summary (``annotation_warnings``), as are annotation ids given twice.
 
 Selection. The images that have at least one part annotation (and whose file exists) are
 shuffled with ``seed``; the first ``n`` are used (default: all), and when an image yields no item
@@ -20,8 +24,11 @@ all of them), as the part readers build it.
 Questions. ``questions="chat"`` asks an OpenAI-compatible chat model (the plumbing of
 ``build-context``: :mod:`cores_cli.context_build`), ``batch_size`` items per request, with
 :data:`SYSTEM_PROMPT` and ``few_shot`` worked examples (:data:`PROMPT_EXAMPLES`, in the paper's
-style) as an earlier user/assistant turn. ``questions="template"`` draws one of the hand-written
-questions of the shipped part→function table (``cores_cli/assets/part_functions.json``; no key,
+style) as an earlier user/assistant turn. Every requested item gets an id used once in the run
+(``{run nonce}-{counter}``) that the reply must echo: an entry with an id this request did not
+ask for (a reply replayed or mixed up from another request) is rejected as "not requested", and
+an item whose id is missing from the reply is asked again. ``questions="template"`` draws one of
+the hand-written questions of the shipped part→function table (``cores_cli/assets/part_functions.json``; no key,
 no network), deterministically from ``seed``, the image and the class. Either way a question
 must pass :func:`validate_question`: one sentence of 6–60 words ending in "?", no special
 tokens, and no word that names the part (its head noun in any number, plus the table's names,
@@ -35,6 +42,14 @@ Files, in ``out``::
     manifest.jsonl       one line per item: provenance (source, annotation file name, image id,
                          file name, category id, part class, annotation ids, area, mode, model,
                          prompt or table version, seed, polygon counts, conversion IoU)
+    .make-reasonpart.journal   items begun and not yet in the manifest (see Resume)
+    .make-reasonpart.lock      held by the running build: a second run on ``out`` is refused
+
+Nothing else in ``out`` is touched: other files, even in ``{split}/`` and even named like an
+item, are the user's. Inputs and output must not overlap (checked on real paths, symlinks
+resolved): ``--images`` must not lie inside ``out/{split}`` nor hold ``out``, and ``--ann`` and
+``--table`` must not lie inside ``out/{split}`` or be one of the files above. A file not written
+by make-reasonpart where an item's file would go is an error before any question is asked.
 
 ``split`` defaults to the source's name, so one ``out`` holds both halves of ReasonPart.
 ``NAME`` is ``{image stem}__{part class}``. Shapes come from the class mask through
@@ -42,23 +57,31 @@ Files, in ``out``::
 manifest records, per item, the IoU between the mask LISA's rasteriser draws from the written
 polygons and the source mask (1.0 in practice).
 
-Resume. An item is written as image + JSON (atomic replace), then its manifest line (one
-``os.write``, fsynced: :func:`cores_cli.context_build.append_line`). On start the manifest's torn
-last line (a kill mid-write) is cut, lines whose files are gone are dropped, and JSONs without a
-manifest line (a kill between the two writes) are removed with their image; images already in the
-manifest count towards ``n`` and are not asked for again; an image with fewer items than
-``parts_per_image`` gets its missing ones.
+Resume. An item is written as a journal line naming its two files (before either exists), the
+image and the JSON (each an atomic replace), then its manifest line (one ``os.write``, fsynced:
+:func:`cores_cli.context_build.append_line`). So every file make-reasonpart may ever remove is
+recorded as its own before it is created: on start (under the lock) the torn last lines of the
+manifest and journal (a kill mid-write) are cut; manifest lines whose files are gone are dropped
+and their remaining file removed; journal items without a manifest line (a kill between the
+writes) have their files and temporaries removed. A file is removed only if it still is what was
+written: a JSON carrying this item's ``cores_reasonpart`` record, an image that is the source
+image's symlink, hard link or copy. Images already in the manifest count towards ``n`` and are
+not asked for again; an image with fewer items than ``parts_per_image`` gets its missing ones.
 """
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
+import itertools
 import json
 import os
 import random
 import re
+import secrets
 import shutil
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -83,17 +106,28 @@ from .context_build import (
 from .contexts import SPECIAL_TOKENS, ExemplarError, names_object, object_key
 from .data.layout import load_json, require_dir, require_file, upright_size
 from .data.masks import rasterize_shapes
-from .data.parts import PartSource, check_coco_parts, partimagenet_image_path, partimagenet_name, pascal_part_name, read_coco_parts
+from .data.parts import (
+    PartSource,
+    check_coco_parts,
+    coco_part_warnings,
+    partimagenet_image_path,
+    partimagenet_name,
+    pascal_part_name,
+    read_coco_parts,
+)
 from .data.reasonpart import MANIFEST
 from .data.reasonseg_writer import Holes, dumps_reasonseg, mask_to_shapes, reasonseg_document
 from .data.records import SegSample
 from .errors import CoresError
-from .fileio import atomic_write_text
+from .fileio import OutputLocked, atomic_write_text, exclusive_lock
 
-PROMPT_VERSION = "reasonpart-prompt-1"
-"""Changes whenever SYSTEM_PROMPT, PROMPT_EXAMPLES or the request format change."""
+PROMPT_VERSION = "reasonpart-prompt-2"
+"""Changes whenever SYSTEM_PROMPT, PROMPT_EXAMPLES or the request format change (2: item ids
+unique in the run instead of "1", "2", ... per request)."""
 SOURCES = ("partimagenet", "pascalpart")
 EXTRA_KEY = "cores_reasonpart"
+LOCK_FILE = ".make-reasonpart.lock"
+JOURNAL = ".make-reasonpart.journal"
 MIN_QUESTION_WORDS = 6
 MAX_QUESTION_WORDS = 60
 MAX_QUESTION_CHARS = 320
@@ -256,7 +290,8 @@ class ReasonPartSummary(RunSummary):
     dropped_images: int = 0  # images left with no item: replaced by the next image
     skipped: Counter[str] = field(default_factory=Counter)  # images passed over, by reason
     stale_lines_removed: int = 0
-    orphans_removed: int = 0
+    orphans_removed: int = 0  # items begun by a killed run and never listed: their files removed
+    annotation_warnings: Counter[str] = field(default_factory=Counter)  # --ann records left out or odd, by kind
     min_conversion_iou: float | None = None
 
     @property
@@ -326,9 +361,13 @@ def choose_parts(candidates: list[PartItem], k: int, min_area: float, rng: rando
 _SLUG = re.compile(r"[^A-Za-z0-9]+")
 
 
+def _slug(text: str) -> str:
+    return _SLUG.sub("_", text).strip("_")
+
+
 def item_name(stem: str, class_name: str) -> str:
     """``{stem}__{class}``: readable, unique per (image, class), safe on every file system."""
-    return f"{_SLUG.sub('_', stem).strip('_')}__{_SLUG.sub('_', class_name).strip('_').lower()}"
+    return f"{_slug(stem)}__{_slug(class_name).lower()}"
 
 
 def image_suffix(path: Path) -> str:
@@ -360,6 +399,31 @@ def place_image(src: Path, dest: Path, mode: ImageMode) -> None:
         raise CoresError(f"cannot {mode} {src} to {dest} ({exc.strerror or exc}){hint}") from None
 
 
+def _is_item_json(path: Path, entry: dict[str, Any]) -> bool:
+    """Whether ``path`` is the JSON make-reasonpart wrote for ``entry``'s item: it carries the
+    ``cores_reasonpart`` record of that part class and image (a user's file of the same name
+    does not)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    mark = doc.get(EXTRA_KEY) if isinstance(doc, dict) else None
+    return isinstance(mark, dict) and mark.get("part_class") == entry.get("part_class") and mark.get("image_id") == entry.get("image_id")
+
+
+def _is_placed_image(path: Path, src: str | None) -> bool:
+    """Whether ``path`` is what :func:`place_image` made of ``src``: a symlink to it, a hard link
+    to it, or a copy with the same bytes."""
+    if not src:
+        return False
+    try:
+        if path.is_symlink():
+            return os.path.realpath(path) == os.path.realpath(src)
+        return os.path.samefile(path, src) or filecmp.cmp(path, src, shallow=False)
+    except OSError:
+        return False
+
+
 def conversion_iou(shapes: Sequence, mask: np.ndarray) -> float:
     """IoU of the target pixels LISA's rasteriser draws from ``shapes`` with ``mask``."""
     drawn = rasterize_shapes(shapes, *mask.shape) == 1
@@ -389,6 +453,26 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The journal's entries (after a torn tail was cut): ``{split, name, image, src, image_id,
+    part_class}`` per item begun; a bad complete line is an error (the journal decides what may be
+    removed, so it is never guessed at)."""
+    if not path.is_file():
+        return []
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("split", "name", "image", "src")):
+            raise CoresError(f"{path}, line {lineno}: not a make-reasonpart journal entry; remove that line, then run again to resume")
+        out.append(rec)
+    return out
+
+
 # ---- the build ------------------------------------------------------------------------------
 
 
@@ -401,12 +485,14 @@ def make_reasonpart(
 
     Returns the summary whether or not the target was reached; raises :class:`CoresError` for
     problems found before any question is asked (options, files, layout)."""
-    return prepare(options, api_key).run(on_progress)
+    with prepare(options, api_key) as build:
+        return build.run(on_progress)
 
 
 def prepare(options: ReasonPartOptions, api_key: str | None = None) -> ReasonPartBuild:
-    """Check the options, read the annotation file and repair the output, without asking or
-    writing any question yet (so that a command can report mistakes before its progress bar)."""
+    """Check the options, read the annotation file, lock and repair the output, without asking or
+    writing any question yet (so that a command can report mistakes before its progress bar).
+    The build holds ``out``'s lock until it is closed: use it as a context manager."""
     _check_options(options, api_key)
     return ReasonPartBuild(options, api_key)
 
@@ -429,13 +515,41 @@ def _check_options(o: ReasonPartOptions, api_key: str | None) -> None:
         raise CoresError("--min-area is a fraction of the image: at least 0 and below 1")
     if o.split is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", o.split):
         raise CoresError(f"--split {o.split!r} must be a plain folder name (letters, digits, '-' and '_')")
+    _check_paths(o)
     if o.questions == "chat":
         check_chat_settings(o, api_key or "")
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_paths(o: ReasonPartOptions) -> None:
+    """Refuse inputs and output that overlap (module docstring, Files), on real paths: symlinks
+    and ``..`` resolved, so that ``--images link-to-out/partimagenet`` is caught too."""
+    out = Path(os.path.realpath(o.out))
+    split_dir = out / (o.split or o.source)
+    images = Path(os.path.realpath(o.images))
+    if out.exists() and not out.is_dir():
+        raise CoresError(f"--out {o.out} is a file; give a folder")
+    if _inside(images, split_dir):
+        raise CoresError(f"--images {o.images} lies inside {split_dir}, where make-reasonpart writes; choose another --out or --split")
+    if _inside(out, images):
+        raise CoresError(f"--out {o.out} lies inside --images {o.images}; write the benchmark outside the image folder")
+    ours = {out / MANIFEST, out / JOURNAL, out / LOCK_FILE}
+    for flag, given in (("--ann", o.ann), ("--table", o.table)):
+        if given is None:
+            continue
+        real = Path(os.path.realpath(given))
+        if _inside(real, split_dir) or real in ours:
+            raise CoresError(f"{flag} {given} lies inside {split_dir} or is one of make-reasonpart's files in {out}; "
+                             "move it or choose another --out or --split")
+
+
 class ReasonPartBuild:
     """One build: the image pool, what is written, what to ask again (both question modes).
-    Made by :func:`prepare`; :meth:`run` does the work and returns the summary."""
+    Made by :func:`prepare`, holding ``out``'s lock until :meth:`close` (or the end of a ``with``
+    block); :meth:`run` does the work and returns the summary."""
 
     def __init__(self, o: ReasonPartOptions, api_key: str | None = None) -> None:
         self.o = o
@@ -444,10 +558,15 @@ class ReasonPartBuild:
         self.out = Path(o.out)
         self.dir = self.out / self.split
         self.manifest = self.out / MANIFEST
+        self.journal = self.out / JOURNAL
         self.table = load_part_table(o.table)
         self.retry: deque[PartItem] = deque()
         self.unresolved: set[str] = set()  # opened images with nothing written yet
         self.attempts: Counter[tuple[str, str]] = Counter()
+        self.names: set[str] = set()  # items of this split listed in the manifest
+        self.owned: set[str] = set()  # their files' names
+        self.annotation_warnings: Counter[str] = Counter()
+        self.classes: dict[str, tuple[str, str | None]] = {}  # category name -> (object, part)
         samples = self._read_source()
         self.by_key = {image_key(s): s for s in samples}
         self.stems = self._stems(samples)
@@ -461,20 +580,41 @@ class ReasonPartBuild:
             )
         model = o.model if o.questions == "chat" else "template"
         self.s = ReasonPartSummary(target=target, out=str(self.out), model=model, split=self.split, mode=o.questions)
-        written = self._resume()
-        self.done: set[str] = set(written)
-        self.pool = deque(k for k in pool if k not in self.done)
-        self.s.existing = len(self.done)
-        self.s.items_existing = sum(len(v) for v in written.values())
-        self._queue_missing_parts(written)
+        self.s.annotation_warnings = self.annotation_warnings
+        self._held = contextlib.ExitStack()
+        try:
+            self._lock()
+            written = self._resume()
+            self._check_planned_names()
+            self.done: set[str] = set(written)
+            self.pool = deque(k for k in pool if k not in self.done)
+            self.s.existing = len(self.done)
+            self.s.items_existing = sum(len(v) for v in written.values())
+            self._queue_missing_parts(written)
+        except BaseException:
+            self.close()  # a build that failed to start holds no lock
+            raise
+
+    def __enter__(self) -> ReasonPartBuild:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release ``out``'s lock (also done by the kernel if the process dies)."""
+        self._held.close()
 
     def run(self, on_progress: Callable[[BuildProgress], None] | None = None) -> ReasonPartSummary:
         if self.finished():
             return self.s
-        if self.o.questions == "template":
-            self.run_template(on_progress)
-        else:
-            _QuestionLoop(self.o, self.api_key, make_client(self.o, self.api_key), self, on_progress).run()
+        try:
+            if self.o.questions == "template":
+                self.run_template(on_progress)
+            else:
+                _QuestionLoop(self.o, self.api_key, make_client(self.o, self.api_key), self, on_progress).run()
+        finally:
+            self._compact_journal()
         return self.s
 
     # ---- reading the source
@@ -483,10 +623,12 @@ class ReasonPartBuild:
         what = f"{o.source} annotations (--ann)"
         data = load_json(require_file(Path(o.ann), what), what)
         check_coco_parts(data, Path(o.ann), what)
+        self.annotation_warnings.update(coco_part_warnings(data))
         name_of = partimagenet_name if o.source == "partimagenet" else pascal_part_name
         classes = {str(c["name"]): name_of(c) for c in data["categories"]}
+        self.classes = classes
         _check_naming(o.source, Path(o.ann), sorted(classes))
-        usable = {n for n, (_obj, part) in classes.items() if part is not None and (o.questions == "chat" or self.table.get(o.source, n))}
+        usable = set(filter(self._askable, classes))
         if not usable:
             raise CoresError(self._no_parts_message(classes))
         images = require_dir(Path(o.images), f"{o.source} images (--images)")
@@ -509,20 +651,39 @@ class ReasonPartBuild:
 
     @staticmethod
     def _stems(samples: list[SegSample]) -> dict[str, str]:
-        """File stems, made unique with the image id where two images share one."""
+        """File stems, made unique with the image id where two images share one as written in
+        item names (``a b.jpg`` and ``a_b.jpg`` both read ``a_b``)."""
         stems = {image_key(s): Path(str(s.meta["file_name"])).stem for s in samples}
-        seen = Counter(stems.values())
-        return {k: (v if seen[v] == 1 else f"{v}_{json.loads(k)}") for k, v in stems.items()}
+        seen = Counter(_slug(v) for v in stems.values())
+        return {k: (v if seen[_slug(v)] == 1 else f"{v}_{json.loads(k)}") for k, v in stems.items()}
 
-    # ---- resume
+    # ---- the lock and resume
+    def _lock(self) -> None:
+        """Hold ``out``'s lock for the whole build: a second writer would interleave manifest
+        lines and take the first one's unfinished items for a killed run's and remove them."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._held.enter_context(exclusive_lock(self.out, self.out / LOCK_FILE))
+        except OutputLocked as exc:
+            raise CoresError(
+                f"{self.out} is being written by another make-reasonpart run ({exc.holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        except OSError as exc:
+            raise CoresError(f"cannot write to --out {self.out} ({exc.strerror or exc})") from None
+
     def _resume(self) -> dict[str, set[str]]:
         """Repair the output (see the module docstring); return the written classes per image."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CoresError(f"cannot create {self.dir} ({exc.strerror or exc})") from None
         self.s.torn_tail_removed = repair_torn_tail(self.manifest)
+        repair_torn_tail(self.journal)
         records = read_manifest(self.manifest)
         keep: list[dict] = []
+        stale: list[dict] = []
         written: dict[str, set[str]] = {}
-        names: set[str] = set()
         for rec in records:
             if rec["split"] != self.split:
                 keep.append(rec)
@@ -533,25 +694,86 @@ class ReasonPartBuild:
                     "use another --split or --out"
                 )
             if not (self.dir / f"{rec['name']}.json").is_file() or not (self.dir / rec["image"]).exists():
-                self.s.stale_lines_removed += 1
+                stale.append(rec)
                 continue
             keep.append(rec)
-            names.add(rec["name"])
+            self.names.add(rec["name"])
+            self.owned.update((f"{rec['name']}.json", rec["image"]))
             written.setdefault(json.dumps(rec.get("image_id")), set()).add(str(rec.get("part_class")))
-        if self.s.stale_lines_removed:
+        if stale:
+            self.s.stale_lines_removed = len(stale)
             atomic_write_text(self.manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
-        self._remove_orphans(names)
+            for rec in stale:  # listed, so ours: the file the user (or a disk) left of it goes too
+                sample = self.by_key.get(json.dumps(rec.get("image_id")))
+                self._remove_item_files({**rec, "src": sample.image_path if sample else None})
+        self._remove_unfinished_items()
         return written
 
-    def _remove_orphans(self, names: set[str]) -> None:
-        """Files of items the manifest does not list (a kill between the writes of one item),
-        and our temporary files: the split folder belongs to make-reasonpart."""
-        for p in sorted(self.dir.iterdir()):
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
+    def _remove_unfinished_items(self) -> None:
+        """Files of items the journal says were begun and the manifest does not list (a kill
+        between the writes of one item), with their temporaries; then the journal keeps only
+        other splits' entries."""
+        entries = read_journal(self.journal)
+        others = [e for e in entries if e["split"] != self.split]
+        for entry in entries:
+            if entry["split"] == self.split and entry["name"] not in self.names:
+                self.s.orphans_removed += self._remove_item_files(entry)
+        if len(others) != len(entries):
+            self._write_journal(others)
+
+    def _remove_item_files(self, entry: dict[str, Any]) -> bool:
+        """Remove an item's JSON, image and temporaries where they still are what this item
+        wrote; whether anything was removed."""
+        name, removed = entry["name"], False
+        json_path, image_path = self.dir / f"{name}.json", self.dir / entry["image"]
+        if json_path.is_file() and _is_item_json(json_path, entry):
+            json_path.unlink()
+            removed = True
+        if os.path.lexists(image_path) and _is_placed_image(image_path, entry.get("src")):
+            image_path.unlink()
+            removed = True
+        temporaries = re.compile(rf"\.(?:{re.escape(name)}\.json|{re.escape(entry['image'])})\.[A-Za-z0-9_]+\.tmp")
+        for p in self.dir.iterdir():
+            if temporaries.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
                 p.unlink()
-            elif not p.name.startswith(".") and p.stem not in names and (p.is_file() or p.is_symlink()):
-                p.unlink()
-                self.s.orphans_removed += p.suffix == ".json"
+        return removed
+
+    def _write_journal(self, entries: list[dict[str, Any]]) -> None:
+        if entries:
+            atomic_write_text(self.journal, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+        elif self.journal.exists():
+            self.journal.unlink()
+
+    def _compact_journal(self) -> None:
+        """After a run, the journal keeps only items still unfinished (an error mid-item)."""
+        entries = read_journal(self.journal)
+        left = [e for e in entries if not (e["split"] == self.split and e["name"] in self.names)]
+        if len(left) != len(entries):
+            self._write_journal(left)
+
+    def _check_planned_names(self) -> None:
+        """Before any question: every file an item could write must be free (or be that item's,
+        listed), and no two items may share a name; a user's file is never replaced."""
+        present = {p.name for p in self.dir.iterdir()}
+        planned: dict[str, tuple[str, str]] = {}
+        foreign: list[str] = []
+        for key, sample in self.by_key.items():
+            suffix = image_suffix(Path(sample.image_path))
+            for class_name in filter(self._askable, sample.meta["classes"]):
+                name = item_name(self.stems[key], class_name)
+                other = planned.setdefault(name, (key, class_name))
+                if other != (key, class_name):
+                    raise CoresError(
+                        f"{self.o.ann}: image {other[0]} class {other[1]!r} and image {key} class {class_name!r} "
+                        f"would both be written as {self.dir / name}.json; rename one of the categories"
+                    )
+                foreign += [f for f in (f"{name}.json", name + suffix) if f in present and f not in self.owned]
+        if foreign:
+            listed = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise CoresError(
+                f"{self.dir} holds {len(foreign)} file(s) that make-reasonpart did not write where its items go "
+                f"({listed}); move them away or choose another --out or --split"
+            )
 
     def _queue_missing_parts(self, written: dict[str, set[str]]) -> None:
         """Images already in the output with fewer items than chosen get the missing ones."""
@@ -577,6 +799,14 @@ class ReasonPartBuild:
                 return task
         return None
 
+    def _askable(self, class_name: str) -> bool:
+        """Whether a class of the annotation file can become an item: a part (not a whole object)
+        and, for template questions, one in the table."""
+        info = self.classes.get(class_name)
+        if info is None or info[1] is None:
+            return False
+        return self.o.questions == "chat" or self.table.get(self.o.source, class_name) is not None
+
     def _open(self, sample: SegSample) -> ImageTask | None:
         key = image_key(sample)
         size = upright_size(Path(sample.image_path))
@@ -591,11 +821,9 @@ class ReasonPartBuild:
         candidates = []
         for rnd in sample.rounds:
             info = sample.meta["classes"].get(rnd.class_name)
-            if info is None or info["part"] is None:
+            if info is None or not self._askable(rnd.class_name):
                 continue
             entry = self.table.get(self.o.source, rnd.class_name)
-            if entry is None and self.o.questions == "template":
-                continue
             mask = (rnd.target.rasterize(*size) == 1).astype(np.uint8)
             candidates.append(
                 PartItem(
@@ -626,10 +854,19 @@ class ReasonPartBuild:
         name = item_name(task.stem, item.class_name)
         src = Path(task.sample.image_path)
         image_name = name + image_suffix(src)
+        image_id = task.sample.meta["image_id"]
+        for dest in (self.dir / f"{name}.json", self.dir / image_name):
+            if os.path.lexists(dest):  # checked for all items up front; this catches a file made since
+                raise CoresError(
+                    f"{dest} already exists and this run did not write it; "
+                    "make-reasonpart never replaces such a file: move it away and run again"
+                )
+        begun = {"split": self.split, "name": name, "image": image_name, "src": os.path.abspath(src),
+                 "image_id": image_id, "part_class": item.class_name}
+        append_line(self.journal, json.dumps(begun, ensure_ascii=False))  # recorded as ours before the files exist
         place_image(src, self.dir / image_name, o.image_mode)
         shapes = mask_to_shapes(item.mask, o.holes)
         iou = conversion_iou(shapes, item.mask)
-        image_id = task.sample.meta["image_id"]
         extra = {EXTRA_KEY: {"version": 1, "source": o.source, "part_class": item.class_name, "image_id": image_id, "mode": o.questions}}
         doc = reasonseg_document([question], True, shapes, image_name, extra)
         atomic_write_text(self.dir / f"{name}.json", dumps_reasonseg(doc))
@@ -646,6 +883,8 @@ class ReasonPartBuild:
             "warnings": task.warnings, "cores_version": __version__,
         }
         append_line(self.manifest, json.dumps(record, ensure_ascii=False))
+        self.names.add(name)
+        self.owned.update((f"{name}.json", image_name))
         self.s.items_written += 1
         self.s.min_conversion_iou = iou if self.s.min_conversion_iou is None else min(self.s.min_conversion_iou, iou)
         task.written += 1
@@ -721,22 +960,25 @@ def _check_naming(source: str, ann: Path, names: list[str]) -> None:
 # ---- chat mode --------------------------------------------------------------------------------
 
 
-def build_question_messages(items: Sequence[PartItem], examples: Sequence[tuple[str, str, tuple[str, ...], str]]) -> list[dict[str, str]]:
-    """System rules, one worked example turn (the paper's in-context examples), then the items.
-    Items are numbered "1", "2", ... within the request."""
+def build_question_messages(
+    items: Mapping[str, PartItem], examples: Sequence[tuple[str, str, tuple[str, ...], str]]
+) -> list[dict[str, str]]:
+    """System rules, one worked example turn (the paper's in-context examples), then the items,
+    each under its id (``{id: item}``; ids are unique in the run, see the module docstring)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     if examples:
         shots = [{"id": f"e{i + 1}", "object": o, "part": p, "other_parts": list(others)} for i, (o, p, others, _q) in enumerate(examples)]
         answers = [{"id": f"e{i + 1}", "question": q} for i, (*_rest, q) in enumerate(examples)]
         messages.append({"role": "user", "content": json.dumps({"items": shots})})
         messages.append({"role": "assistant", "content": json.dumps({"questions": answers})})
-    request = [{"id": str(i + 1), "object": it.display, "part": it.part, "other_parts": it.other_parts} for i, it in enumerate(items)]
+    request = [{"id": qid, "object": it.display, "part": it.part, "other_parts": it.other_parts} for qid, it in items.items()]
     messages.append({"role": "user", "content": json.dumps({"items": request}, ensure_ascii=False)})
     return messages
 
 
-def parse_questions(content: str | None) -> dict[str, object]:
-    """``{id: question}`` from ``{"questions": [...]}``, a bare list, or one entry."""
+def parse_questions(content: str | None) -> list[tuple[str, object]]:
+    """``(id, question)`` pairs, in reply order, from ``{"questions": [...]}``, a bare list, or one
+    entry."""
     data = reply_json(content)
     if isinstance(data, dict) and isinstance(data.get("questions"), list):
         entries = data["questions"]
@@ -746,7 +988,7 @@ def parse_questions(content: str | None) -> dict[str, object]:
         entries = [data]
     else:
         raise ExemplarError("malformed JSON", "the reply is JSON but holds no 'questions' list")
-    return {str(e.get("id")): e.get("question") for e in entries if isinstance(e, dict)}
+    return [(str(e.get("id")), e.get("question")) for e in entries if isinstance(e, dict)]
 
 
 class _QuestionLoop(ChatLoop):
@@ -756,6 +998,10 @@ class _QuestionLoop(ChatLoop):
         super().__init__(options, api_key, client, builder.s, on_progress)
         self.o: ReasonPartOptions = options
         self.b = builder
+        # Item ids: a random nonce per run and a counter, so that no two requests of this run (and
+        # almost surely none of an earlier run) share an id: a reply matches only its own request.
+        self.nonce = secrets.token_hex(3)
+        self.counter = itertools.count(1)
 
     def room(self) -> int:
         return self.b.room()
@@ -776,7 +1022,8 @@ class _QuestionLoop(ChatLoop):
             items = items[: self.o.batch_size]
         if not items:
             return None
-        return ChatJob(build_question_messages(items, self._examples(items)), units=0, payload=items)
+        asked = {f"{self.nonce}-{next(self.counter)}": it for it in items}
+        return ChatJob(build_question_messages(asked, self._examples(items)), units=0, payload=asked)
 
     def _examples(self, items: list[PartItem]) -> list[tuple[str, str, tuple[str, ...], str]]:
         asked = {object_key(it.part) for it in items}
@@ -784,33 +1031,43 @@ class _QuestionLoop(ChatLoop):
         return self.rng.sample(pool, min(self.o.few_shot, len(pool)))
 
     def handle_failure(self, job: ChatJob) -> None:
-        self.b.retry.extend(job.payload)  # not the items' fault: ask again, no attempt used
+        self.b.retry.extend(job.payload.values())  # not the items' fault: ask again, no attempt used
 
     def handle_reply(self, job: ChatJob, content: str | None) -> int:
-        items: list[PartItem] = job.payload
+        asked: dict[str, PartItem] = job.payload
         try:
-            answers = parse_questions(content)
+            answers = self._match(asked, parse_questions(content))
         except ExemplarError as exc:
             self.s.rejected[exc.reason] += 1
-            for it in items:
+            for it in asked.values():
                 self.b.reject(it, None)
             return 0
-        extra = set(answers) - {str(i + 1) for i in range(len(items))}
-        if extra:
-            self.s.rejected["not requested"] += len(extra)
         accepted = 0
-        for i, it in enumerate(items):
-            if str(i + 1) not in answers:
+        for qid, it in asked.items():
+            if qid not in answers:
                 self.b.reject(it, "missing from the reply")
                 continue
             try:
-                question = validate_question(answers[str(i + 1)], it.part, it.names)
+                question = validate_question(answers[qid], it.part, it.names)
             except QuestionRejected as exc:
                 self.b.reject(it, exc.reason)
                 continue
             self.b.write(it, question)
             accepted += 1
         return accepted
+
+    def _match(self, asked: dict[str, PartItem], answers: list[tuple[str, object]]) -> dict[str, object]:
+        """The first answer to each id this request asked for; an entry under any other id (one
+        of another request's, replayed or mixed up) and a second answer to an id are rejected."""
+        matched: dict[str, object] = {}
+        for qid, question in answers:
+            if qid not in asked:
+                self.s.rejected["not requested"] += 1
+            elif qid in matched:
+                self.s.rejected["answered twice"] += 1
+            else:
+                matched[qid] = question
+        return matched
 
     def exhausted_reason(self) -> str:
         return self.b.exhausted_reason()

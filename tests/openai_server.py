@@ -16,6 +16,16 @@ error with any status, e.g. 429 or 500, optionally with ``Retry-After``) and :fu
 (any bytes, e.g. a body that is not JSON at all). Any reply can be delayed with
 ``delay=seconds`` or :func:`slow` to run past a client timeout.
 
+Misbehaving servers, for deadlines and give-up rules: :func:`held` sends a reply only once the
+test sets an event (so a test can prove the client stopped waiting for it without measuring
+time), :func:`no_reply` accepts a request and never answers, :func:`trickle_reply` sends a
+response one byte at a time and never finishes it (from the body, or from the status line
+with ``head=True``); :attr:`OpenAIServer.pending` counts the requests being held or trickled
+right now, and :meth:`OpenAIServer.wait_for_pending` waits until that count is reached (the
+request may reach the server a moment after the client gave up on it). Held and trickled
+replies end when the server stops. :func:`refused_url` gives a
+base URL on which every connection is refused.
+
 Example::
 
     with OpenAIServer() as server:
@@ -27,11 +37,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -45,6 +57,9 @@ class Reply:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    hold: threading.Event | None = None  # sent only once this is set (never, if the server stops first)
+    trickle: float | None = None  # seconds between bytes of a response that is never finished
+    trickle_head: bool = False  # trickle from the status line on, not only the body
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,34 @@ def slow(reply: Reply, seconds: float) -> Reply:
     return replace(reply, delay=seconds)
 
 
+def held(reply: Reply, release: threading.Event) -> Reply:
+    """``reply`` sent only once the test sets ``release``; until then the request is pending."""
+    return replace(reply, hold=release)
+
+
+def no_reply() -> Reply:
+    """Accept the request and never answer it (until the server stops)."""
+    return held(error_reply(500, "released a request that was never to be answered"), threading.Event())
+
+
+def trickle_reply(interval: float = 0.01, *, head: bool = False) -> Reply:
+    """A 200 whose body arrives one byte (a space) every ``interval`` seconds and never ends, so
+    that no single read waits long; with ``head=True`` even the status line is trickled."""
+    return Reply(200, b"", {"Content-Type": "application/json"}, trickle=interval, trickle_head=head)
+
+
+@contextlib.contextmanager
+def refused_url() -> Iterator[str]:
+    """A base URL where every connection is refused: its port is bound but never listened on,
+    so no other program can take it while the block runs."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        sock.close()
+
+
 class OpenAIServer:
     """The server; use as a context manager or call :meth:`start` / :meth:`stop`.
 
@@ -126,7 +169,9 @@ class OpenAIServer:
         self.handler = handler
         self._queue: deque[Reply] = deque()
         self._requests: list[ChatRequest] = []
+        self._pending = 0
         self._lock = threading.Lock()
+        self._pending_changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._make_handler_class())
         self._httpd.daemon_threads = True
@@ -146,6 +191,21 @@ class OpenAIServer:
     def chat_requests(self) -> list[ChatRequest]:
         """Only the ``/chat/completions`` requests."""
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    @property
+    def pending(self) -> int:
+        """Requests whose reply is being held (:func:`held`, :func:`no_reply`) or trickled now."""
+        with self._lock:
+            return self._pending
+
+    def wait_for_pending(self, count: int, *, at_least: bool = False, guard: float = 120.0) -> bool:
+        """Wait until ``count`` requests (or, ``at_least``, that many or more) are held or
+        trickled; False if that did not happen within ``guard`` seconds (a guard against a hang,
+        not a time budget)."""
+        with self._pending_changed:
+            return self._pending_changed.wait_for(
+                lambda: self._pending >= count if at_least else self._pending == count, timeout=guard
+            )
 
     def enqueue(self, *replies: Reply) -> None:
         """Queue replies for the next requests, one each, before the handler is consulted."""
@@ -218,6 +278,9 @@ class OpenAIServer:
                     reply = error_reply(500, f"test handler raised {type(exc).__name__}: {exc}")
                 if reply.delay and server._stopping.wait(reply.delay):
                     return
+                if reply.hold is not None or reply.trickle is not None:
+                    self._serve_slowly(reply)
+                    return
                 try:
                     self.send_response(reply.status)
                     for name, value in reply.headers.items():
@@ -228,7 +291,50 @@ class OpenAIServer:
                 except OSError:
                     pass  # the client gave up (timeout) and closed the connection
 
+            def _serve_slowly(self, reply: Reply) -> None:
+                with server._pending_changed:
+                    server._pending += 1
+                    server._pending_changed.notify_all()
+                try:
+                    if reply.hold is not None and not _wait_either(reply.hold, server._stopping):
+                        self.close_connection = True  # the client sees the connection close
+                        return
+                    if reply.trickle is not None:
+                        self.close_connection = True  # the response was never finished
+                        self._trickle(reply)
+                        return
+                    self.send_response(reply.status)
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                except OSError:
+                    pass  # the client gave up and closed the connection
+                finally:
+                    with server._pending_changed:
+                        server._pending -= 1
+                        server._pending_changed.notify_all()
+
+            def _trickle(self, reply: Reply) -> None:
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
+                if not reply.trickle_head:
+                    self.wfile.write(head)
+                    self.wfile.flush()
+                data = iter(head) if reply.trickle_head else iter(())
+                while not server._stopping.wait(reply.trickle):
+                    self.wfile.write(bytes([next(data, 0x20)]))  # then spaces: valid JSON padding, never a document
+                    self.wfile.flush()
+
             def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
                 pass
 
         return _Handler
+
+
+def _wait_either(release: threading.Event, stopping: threading.Event) -> bool:
+    """Wait until ``release`` is set (True) or the server stops (False)."""
+    while not release.wait(0.05):
+        if stopping.is_set():
+            return False
+    return True

@@ -1,7 +1,10 @@
 """`cores build-context` against a real OpenAI-compatible HTTP server on 127.0.0.1.
 
 The real ``openai`` client talks HTTP to ``tests/openai_server.py``; nothing of the client is
-mocked. Delays and back-offs are milliseconds so the whole file runs in seconds.
+mocked. Back-offs are milliseconds so the whole file runs in seconds. No test measures time: a
+reply that must be abandoned is held back by the server until the test releases it after the
+build returned, and the interrupted run is killed once the server holds its next request.
+(Deadlines, give-up rules, the output lock and bad files: ``test_chat_safety.py``.)
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,7 @@ from cores_cli.context_build import (
 from cores_cli.contexts import ExemplarError, load_library, load_vocabulary, object_key
 
 from proc_helpers import kill_after_lines
-from openai_server import ChatRequest, OpenAIServer, chat_reply, error_reply, json_reply, slow
+from openai_server import ChatRequest, OpenAIServer, chat_reply, error_reply, held, json_reply
 
 KEY = "canary-key-5e1f0c9a7d"  # not sk-shaped, so only exact redaction can hide it; never to be seen
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +56,9 @@ def server():
 
 
 def options(tmp_path: Path, server: OpenAIServer, n: int, **kw) -> BuildOptions:
-    base = dict(n=n, out=tmp_path / "lib.jsonl", base_url=server.url, backoff=0.001, timeout=5.0, concurrency=1)
+    # the timeout is a deadline for a whole request: generous, so that a loaded machine answering
+    # slowly is not mistaken for a dead server (tests of timeouts hold replies back instead)
+    base = dict(n=n, out=tmp_path / "lib.jsonl", base_url=server.url, backoff=0.001, timeout=30.0, concurrency=1)
     base.update(kw)
     return BuildOptions(**base)
 
@@ -190,11 +195,16 @@ def test_429_and_5xx_are_retried_with_backoff(tmp_path, server):
 
 
 def test_a_reply_slower_than_the_timeout_is_abandoned_and_retried(tmp_path, server):
-    server.enqueue(slow(error_reply(500), 3.0))
-    start = time.monotonic()
-    summary = build_context(options(tmp_path, server, 2, batch_size=2, timeout=0.3), KEY)
-    assert summary.complete and summary.retried == {"timeout": 1}
-    assert time.monotonic() - start < 2.5  # did not wait for the slow reply
+    release = threading.Event()
+    server.enqueue(held(error_reply(500), release))  # the first request gets no reply until released
+    try:
+        summary = build_context(options(tmp_path, server, 2, batch_size=2, timeout=1.0), KEY)
+        # the build is over while the slow reply is still held back: it did not wait for it
+        assert server.wait_for_pending(1)
+    finally:
+        release.set()
+    assert summary.complete and summary.accepted == 2
+    assert summary.retried.get("timeout", 0) >= 1 and summary.failed == {}
 
 
 def test_failing_requests_stop_the_run_with_a_non_zero_exit_and_the_reason(tmp_path, server):
@@ -210,8 +220,13 @@ def test_failing_requests_stop_the_run_with_a_non_zero_exit_and_the_reason(tmp_p
 
 
 def test_timeouts_past_the_retries_are_reported_as_such(tmp_path, server):
-    server.handler = lambda r: slow(answer_all(r), 2.0)
-    summary = build_context(options(tmp_path, server, 2, timeout=0.2, retries=1, max_failed_requests=1), KEY)
+    release = threading.Event()
+    server.handler = lambda r: held(answer_all(r), release)
+    try:
+        summary = build_context(options(tmp_path, server, 2, timeout=0.2, retries=1, max_failed_requests=1), KEY)
+        assert server.wait_for_pending(2)  # both attempts were given up while their replies were held back
+    finally:
+        release.set()
     assert not summary.complete and summary.failed == {"timeout": 1} and summary.retried == {"timeout": 1}
     assert summary.message() == "stopped at 0/2: 1 requests failed after 1 retry (timeout: 1)"
 
@@ -220,21 +235,36 @@ def test_timeouts_past_the_retries_are_reported_as_such(tmp_path, server):
 
 
 def test_an_interrupted_run_resumes_to_exactly_n_unique_valid_entries(tmp_path, server):
-    n = 12
+    n, answered = 12, 4
     out = tmp_path / "lib.jsonl"
-    server.handler = lambda r: slow(answer_all(r), 0.05)
+    holding = tmp_path / "holding.txt"  # a line per request the server holds back
+    release = threading.Event()
+
+    def first_four_then_hold(request: ChatRequest):
+        if len(server.chat_requests) <= answered:
+            return answer_all(request)
+        with open(holding, "a") as fh:
+            fh.write("held\n")
+        return held(answer_all(request), release)
+
+    server.handler = first_four_then_hold
     cmd = [sys.executable, "-m", "cores_cli", "build-context", "--n", str(n), "--out", str(out),
            "--base-url", server.url, "--batch-size", "1", "--concurrency", "1", "--backoff", "0.001"]
     env = {**os.environ, "OPENAI_API_KEY": KEY}
     env.pop("OPENAI_BASE_URL", None)
-    printed = kill_after_lines(cmd, out, 4, env, tmp_path)  # SIGKILL: no clean-up code runs
+    try:
+        # SIGKILL (no clean-up code runs) while the server holds the fifth request: four lines written
+        printed = kill_after_lines(cmd, holding, 1, env, tmp_path)
+    finally:
+        release.set()
     assert KEY.encode() not in printed
     written = lines(out)
-    assert 4 <= len(written) < n, "the run should have been killed half-way"
+    assert len(written) == answered
     with open(out, "ab") as fh:  # what a write cut short by a crash would leave
         fh.write(b'{"schema_version": 1, "object": "torn')
     before = {object_key(d["object"]) for d in written}
     requests_before = len(server.chat_requests)
+    server.handler = answer_all
 
     summary = build_context(options(tmp_path, server, n), KEY)
 
@@ -243,8 +273,7 @@ def test_an_interrupted_run_resumes_to_exactly_n_unique_valid_entries(tmp_path, 
     library = load_library(out)
     assert len(library) == n == len(out.read_text().splitlines())
     assert len({object_key(e.object) for e in library}) == n
-    # (a request torn by the kill may be recorded late, with no body: it asked nothing)
-    asked_after = [o for r in server.chat_requests[requests_before:] if r.body for o in requested(r)]
+    asked_after = [o for r in server.chat_requests[requests_before:] for o in requested(r)]
     assert len(asked_after) == n - len(written)
     assert not {object_key(o) for o in asked_after} & before  # nothing already done was asked again
     assert out.read_bytes().endswith(b"\n")

@@ -147,6 +147,37 @@ def test_load_library_names_file_and_line(tmp_path):
         load_library(tmp_path / "missing.jsonl")
 
 
+def test_a_library_that_is_not_utf8_or_a_folder_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "lib.jsonl"
+    good = json.dumps(_valid()).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + json.dumps(_valid(source="caf\u00e9"), ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(CoresError, match=r"lib\.jsonl, line 3: not UTF-8 text"):
+        load_library(path)
+    with pytest.raises(CoresError, match=r"context library .* is a folder"):
+        load_library(tmp_path)
+
+
+def test_predict_with_a_library_that_is_not_utf8_exits_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cores_cli.cli.app import app
+
+    library = tmp_path / "lib.jsonl"
+    library.write_bytes(json.dumps(_valid()).encode() + b"\n\xff\xfe\n")
+    args = ["predict", "--example", "--preset", "tiny", "-o", str(tmp_path / "out"), "--context-library", str(library)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"error: {library}, line 2: not UTF-8 text" in " ".join(result.stderr.split())
+
+
+def test_a_vocabulary_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "v.json"
+    bad.write_bytes(b'{"schema_version": 1, "datasets": {"caf\xe9": {}}}')
+    with pytest.raises(CoresError, match=r"v\.json: not UTF-8 text"):
+        load_vocabulary(bad)
+
+
 # ---- sampler ----------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from cores_cli.reasonpart_build import (
 
 from fixtures_reasonpart import partimagenet_fixture, pascalpart_fixture, ring
 from proc_helpers import kill_after_lines
-from openai_server import ChatRequest, OpenAIServer, chat_reply, error_reply, json_reply, slow
+from openai_server import ChatRequest, OpenAIServer, chat_reply, error_reply, json_reply
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 runner = CliRunner()
@@ -193,7 +194,7 @@ def server():
 
 def chat_options(fixture, out: Path, server: OpenAIServer, source: str = "partimagenet", **kw) -> ReasonPartOptions:
     base = dict(source=source, ann=fixture.ann, images=fixture.images, out=out, base_url=server.url, model="test-model",
-                backoff=0.001, timeout=5.0, concurrency=1)
+                backoff=0.001, timeout=60.0, concurrency=1)
     base.update(kw)
     return ReasonPartOptions(**base)
 
@@ -215,8 +216,10 @@ def test_chat_mode_through_the_cli_with_in_context_examples(tmp_path, pin, serve
         answers = json.loads(r.messages[2]["content"])["questions"]
         assert len(shots) == len(answers) == 4 and {a["question"] for a in answers} <= {e[3] for e in PROMPT_EXAMPLES}
         items = asked_items(r)
-        assert [it["id"] for it in items] == ["1", "2"] and all(it["object"] in ("fish", "car") for it in items)
+        assert len(items) == 2 and all(it["object"] in ("fish", "car") for it in items)
         assert not {s["part"] for s in shots} & {it["part"] for it in items}  # no example about a part being asked
+    ids = [it["id"] for r in chats for it in asked_items(r)]
+    assert len(set(ids)) == len(ids) == 6  # every item asked under an id of its own in the run, not "1", "2" per request
     records = manifest(out)
     assert len(records) == 6 and {r["mode"] for r in records} == {"chat"}
     assert {r["model"] for r in records} == {"test-model"} and {r["prompt_version"] for r in records} == {PROMPT_VERSION}
@@ -291,31 +294,47 @@ def test_a_missing_key_is_an_error_for_a_remote_server_but_not_for_templates(tmp
 
 def test_an_interrupted_run_resumes_to_exactly_n_images(tmp_path, server):
     fixture = partimagenet_fixture(tmp_path / "pin", n_images=12)
-    n, out = 10, tmp_path / "rp"
-    server.handler = lambda r: slow(answer_all(r), 0.05)
+    n, out, killed_at = 10, tmp_path / "rp", 3
+    answered, release = [], threading.Event()
+
+    def handler(request: ChatRequest):
+        # Requests after the third wait until the kill: the run is killed with exactly three items
+        # written, however fast or slow the machine (no time budget anywhere).
+        answered.append(request)
+        if len(answered) > killed_at:
+            release.wait()
+        return answer_all(request)
+
+    server.handler = handler
     cmd = [sys.executable, "-m", "cores_cli", "make-reasonpart", "--source", "partimagenet", "--ann", str(fixture.ann),
            "--images", str(fixture.images), "--out", str(out), "--n", str(n), "--base-url", server.url,
            "--batch-size", "1", "--concurrency", "1", "--backoff", "0.001"]
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
     mf = out / "manifest.jsonl"
-    kill_after_lines(cmd, mf, 3, env, tmp_path)  # SIGKILL: no clean-up code runs
+    try:
+        kill_after_lines(cmd, mf, killed_at, env, tmp_path)  # SIGKILL: no clean-up code runs
+    finally:
+        release.set()
     done = manifest(out)
-    assert 3 <= len(done) < n, "the run should have been killed half-way"
+    assert len(done) == killed_at
     with open(mf, "ab") as fh:  # what a write cut short by a crash would leave
         fh.write(b'{"name": "torn')
     split = out / "partimagenet"
-    (split / "orphan__fish_fin.json").write_text("{}")  # a JSON written just before a kill, never listed
-    (split / "orphan__fish_fin.jpg").write_bytes(b"")
+    # a user's files, one named like an item: never listed nor begun by make-reasonpart, so they stay
+    users = {split / "orphan__fish_fin.json": b"{}", split / "orphan__fish_fin.jpg": b""}
+    for path, data in users.items():
+        path.write_bytes(data)
     requests_before = len(server.chat_requests)
 
     summary = make_reasonpart(chat_options(fixture, out, server, n=n), "k")
 
-    assert summary.complete and summary.torn_tail_removed and summary.orphans_removed == 1
+    assert summary.complete and summary.torn_tail_removed and summary.orphans_removed == 0
     assert summary.existing == len(done) and summary.accepted == n - len(done)
     records = manifest(out)
     assert len(records) == n == len({r["image_id"] for r in records}) == len({r["name"] for r in records})
-    assert mf.read_bytes().endswith(b"\n") and not (split / "orphan__fish_fin.json").exists()
-    assert sorted(p.stem for p in split.glob("*.json")) == sorted(r["name"] for r in records)
+    assert mf.read_bytes().endswith(b"\n")
+    assert all(path.read_bytes() == data for path, data in users.items())
+    assert sorted(p.stem for p in split.glob("*.json")) == sorted([r["name"] for r in records] + ["orphan__fish_fin"])
     # (a request torn by the kill may be recorded late, with no body: it asked nothing)
     asked_after = [it for r in server.chat_requests[requests_before:] if r.body for it in asked_items(r)]
     assert len(asked_after) == n - len(done)  # nothing already written was asked for again

@@ -27,6 +27,7 @@ def build_context(
     retries: int = chat.RETRIES,
     backoff: float = chat.BACKOFF,
     max_failures: int = chat.MAX_FAILURES,
+    max_consecutive: int = chat.MAX_CONSECUTIVE,
     max_barren: int = chat.MAX_BARREN,
     seed: int = typer.Option(0, "--seed", help="Order in which vocabulary objects are asked for."),
     json_mode: bool = chat.JSON_MODE,
@@ -36,11 +37,12 @@ def build_context(
 ) -> None:
     """Ask a chat model for question/answer exemplars (paper §3.2) and append them to a library.
 
-    Objects come from the training sets' class names (COCO-Stuff, ADE20K, PASCAL-Part, PartImageNet, PACO-LVIS); each reply is validated and de-duplicated before it is appended. An interrupted run resumes where it stopped: run the same command again. Exits non-zero, saying why, when the library could not reach --n.
+    Objects come from the training sets' class names (COCO-Stuff, ADE20K, PASCAL-Part, PartImageNet, PACO-LVIS); each reply is validated and de-duplicated before it is appended. An interrupted run resumes where it stopped: run the same command again. Exits non-zero, saying why, when the library could not reach --n. One run at a time may write a given --out (a second is refused).
 
     Example: OPENAI_API_KEY=... cores build-context --n 500 --out my_library.jsonl
     """
-    settings = chat.chat_settings(model, base_url, temperature, concurrency, timeout, retries, backoff, max_failures, max_barren, json_mode, seed)
+    settings = chat.chat_settings(model, base_url, temperature, concurrency, timeout, retries, backoff, max_failures, max_barren,
+                                  json_mode, seed, max_consecutive)
     options = BuildOptions(n=n, out=out, batch_size=batch_size, vocabulary=vocabulary, seeds=seeds, **settings)
     api_key = resolve_api_key(base_url)
     summary = chat.run_with_progress("building context library", n, lambda cb: run_build(options, api_key, on_progress=cb))

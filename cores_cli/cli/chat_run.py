@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..context_build import BuildProgress, RunSummary, format_counts
+from ..context_build import BuildProgress, ChatSettings, RunSummary, format_counts
 from .common import err_console, fail, stdout_line
 
 S = TypeVar("S", bound=RunSummary)
@@ -27,10 +27,18 @@ BASE_URL = typer.Option(
 )
 TEMPERATURE = typer.Option(0.7, "--temperature", min=0.0, max=2.0, help="Sampling temperature.")
 CONCURRENCY = typer.Option(4, "--concurrency", min=1, max=64, help="Requests in flight at once.")
-TIMEOUT = typer.Option(60.0, "--timeout", min=0.001, help="Seconds before one request times out.")
-RETRIES = typer.Option(5, "--retries", min=0, help="Retries per request on HTTP 429, 5xx and timeouts.")
+TIMEOUT = typer.Option(
+    60.0, "--timeout", min=0.001,
+    help="Deadline in seconds for one attempt of a request, from connecting to the reply's last byte.",
+)
+RETRIES = typer.Option(5, "--retries", min=0, help="Retries per request on HTTP 429, 5xx, timeouts and connection errors.")
 BACKOFF = typer.Option(1.0, "--backoff", min=0.0, help="First back-off delay in seconds; doubles per retry.")
 MAX_FAILURES = typer.Option(10, "--max-failures", min=1, help="Stop after this many requests failed even after their retries.")
+MAX_CONSECUTIVE = typer.Option(
+    ChatSettings.max_consecutive_failures, "--max-consecutive-failures", min=1,
+    help="Stop after this many attempts in a row, across requests, got no usable answer (timeout, "
+    "connection error, HTTP 5xx). Two refused connections in a row stop the run at once.",
+)
 MAX_BARREN = typer.Option(
     20, "--max-barren-replies", min=1, help="Stop after this many replies in a row gave no acceptable entry."
 )
@@ -41,11 +49,12 @@ JSON_OUTPUT = typer.Option(False, "--json", help="Print the summary as JSON on s
 
 
 def chat_settings(model: str, base_url: str | None, temperature: float, concurrency: int, timeout: float, retries: int,
-                  backoff: float, max_failures: int, max_barren: int, json_mode: bool, seed: int) -> dict:
+                  backoff: float, max_failures: int, max_barren: int, json_mode: bool, seed: int,
+                  max_consecutive: int = ChatSettings.max_consecutive_failures) -> dict:
     """The :class:`~cores_cli.context_build.ChatSettings` fields from the options above."""
     return dict(model=model, base_url=base_url, temperature=temperature, concurrency=concurrency, timeout=timeout,
                 retries=retries, backoff=backoff, max_failed_requests=max_failures, max_barren_replies=max_barren,
-                json_mode=json_mode, seed=seed)
+                max_consecutive_failures=max_consecutive, json_mode=json_mode, seed=seed)
 
 
 def run_with_progress(label: str, total: int | None, run: Callable[[Callable[[BuildProgress], None]], S]) -> S:

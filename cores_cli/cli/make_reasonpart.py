@@ -45,13 +45,14 @@ def make_reasonpart(
     backoff: float = chat.BACKOFF,
     max_failures: int = chat.MAX_FAILURES,
     max_barren: int = chat.MAX_BARREN,
+    max_consecutive: int = chat.MAX_CONSECUTIVE,
     json_mode: bool = chat.JSON_MODE,
     table: Path = typer.Option(None, "--table", help="Part→function table: template questions and the words that name each part (default: the shipped one)."),
     json_output: bool = chat.JSON_OUTPUT,
 ) -> None:
     """Write reasoning questions about object parts in ReasonSeg format (ReasonPart, paper appendix C).
 
-    For each image, one part class (or --parts-per-image) is chosen, preferring parts that cover at least --min-area of the image; a chat model, shown in-context examples, writes a question that needs reasoning and does not name the part (a question that names it is rejected and asked again); the part's mask becomes ReasonSeg polygons. Resumable (run the same command again), concurrent, with a summary; exits non-zero, saying why, when --n images could not be written. Evaluate with: cores eval --dataset reasonpart:OUT
+    For each image, one part class (or --parts-per-image) is chosen, preferring parts that cover at least --min-area of the image; a chat model, shown in-context examples, writes a question that needs reasoning and does not name the part (a question that names it is rejected and asked again); the part's mask becomes ReasonSeg polygons. Resumable (run the same command again), concurrent, with a summary; one run at a time per OUT, and only files it wrote are ever replaced or removed; exits non-zero, saying why, when --n images could not be written. Evaluate with: cores eval --dataset reasonpart:OUT
 
     Example: cores make-reasonpart --source partimagenet --ann val.json --images val/ --out reasonpart/
     """
@@ -60,15 +61,16 @@ def make_reasonpart(
     for flag, value in (("--questions", questions), ("--image-mode", image_mode), ("--holes", holes)):
         if value not in _CHOICES[flag]:
             raise fail(f"unknown {flag} {value!r}; choose {', '.join(_CHOICES[flag])}", 2)
-    settings = chat.chat_settings(model, base_url, temperature, concurrency, timeout, retries, backoff, max_failures, max_barren, json_mode, seed)
+    settings = chat.chat_settings(model, base_url, temperature, concurrency, timeout, retries, backoff, max_failures, max_barren, json_mode, seed, max_consecutive)
     options = ReasonPartOptions(
         source=source, ann=ann, images=images, out=out, n=n, split=split, parts_per_image=parts_per_image,
         min_area=min_area, questions=questions, image_mode=image_mode, holes=holes, batch_size=batch_size,
         few_shot=few_shot, item_attempts=attempts, skip_missing=skip_missing, table=table, **settings,
     )
     api_key = resolve_api_key(base_url, command="make-reasonpart --questions chat") if questions == "chat" else None
-    build = prepare(options, api_key)  # mistakes in options and files are reported before the bar
-    summary = chat.run_with_progress("making reasonpart (images)", build.s.target, build.run)
+    # mistakes in options and files are reported before the bar; the build holds OUT's lock
+    with prepare(options, api_key) as build:
+        summary = chat.run_with_progress("making reasonpart (images)", build.s.target, build.run)
     chat.finish(summary, _summary_table(summary), json_output)
 
 
@@ -83,7 +85,8 @@ def _summary_table(s: ReasonPartSummary):
         ("items (image, part)", s.items, f"{s.items_existing} before, {s.items_written} new"),
         ("images passed over", sum(s.skipped.values()), format_counts(s.skipped)),
         ("items given up", s.dropped_items, f"{s.dropped_images} images replaced" if s.dropped_images else ""),
-        ("repairs", repairs, f"{s.stale_lines_removed} stale manifest lines, {s.orphans_removed} unlisted files" if repairs else ""),
+        ("repairs", repairs, f"{s.stale_lines_removed} stale manifest lines, {s.orphans_removed} unfinished items removed" if repairs else ""),
+        ("annotation warnings", sum(s.annotation_warnings.values()), format_counts(s.annotation_warnings)),
         ("min polygon IoU", iou, "written polygons vs source mask (this run)"),
     ]
     if s.mode == "chat":

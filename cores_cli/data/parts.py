@@ -36,15 +36,24 @@ no valid polygon is dropped too (LISA catches ``annToMask`` errors and resamples
 ``part`` (None for a whole object) and the ``annotation_ids`` joined into its mask (provenance, e.g. for ReasonPart's manifest); ``meta["file_name"]`` is the
 image's name in the annotation file. A record missing a key the reader needs is an error naming
 the list, the record's index and the key.
+
+Checked up front (:func:`check_coco_parts`), because each would make results silently wrong: an
+image or category id (or an annotation's ``image_id``, ``category_id``) that is not a number or a
+string, an image or category id given twice (one image's masks would be drawn on another's picture), a height or width that is not a
+positive whole number, and a ``file_name`` that is empty, absolute or climbs out of the image
+folder with ``..``; each is an error naming the file, the record and the key. Annotations naming
+an unknown image or category, and annotation ids given twice, are left out or kept with a counted
+warning (:func:`coco_part_warnings`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ..errors import CoresError
@@ -165,7 +174,8 @@ REQUIRED_KEYS = {
 
 def check_coco_parts(data: Any, path: Path, what: str) -> None:
     """A clear error, naming the file, list, record and key, for a file that is not a COCO-format
-    part file (rather than a KeyError deep inside a reader)."""
+    part file (rather than a KeyError deep inside a reader), or whose ids, sizes or image names
+    would make results wrong (see the module docstring)."""
     if not isinstance(data, dict):
         raise CoresError(f"{what}: {path} is not a JSON object")
     for key, needed in REQUIRED_KEYS.items():
@@ -179,6 +189,82 @@ def check_coco_parts(data: Any, path: Path, what: str) -> None:
             for k in needed:
                 if k not in rec:
                     raise CoresError(f"{what}: {path} {key}[{i}] has no key {k!r}")
+    _check_unique_ids(data, "images", path, what)
+    _check_unique_ids(data, "categories", path, what)
+    for i, ann in enumerate(data["annotations"]):
+        for k in ("image_id", "category_id"):
+            if not _is_id(ann[k]):
+                raise CoresError(f"{what}: {path} annotations[{i}] key {k!r} is {_shown(ann[k])}, not a number or a string")
+    for i, img in enumerate(data["images"]):
+        where = f"{what}: {path} images[{i}] (id {img['id']!r})"
+        for k in ("height", "width"):
+            if not _is_positive_whole(img[k]):
+                raise CoresError(f"{where} key {k!r} is {_shown(img[k])}, not a positive whole number")
+        problem = _file_name_problem(img["file_name"])
+        if problem:
+            raise CoresError(f"{where} key 'file_name' is {_shown(img['file_name'])}: {problem}")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _is_positive_whole(value: Any) -> bool:
+    """480 or 480.0 (some writers emit floats); not "480", "tall", 0, -3 or 480.5."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value > 0 and float(value).is_integer()
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_unique_ids(data: dict, key: str, path: Path, what: str) -> None:
+    """Ids must be numbers or strings and appear once: readers look records up by id, so a second
+    record with the same id would silently take the first one's place."""
+    first: dict[Any, int] = {}
+    for i, rec in enumerate(data[key]):
+        rid = rec["id"]
+        if not _is_id(rid):
+            raise CoresError(f"{what}: {path} {key}[{i}] key 'id' is {_shown(rid)}, not a number or a string")
+        if rid in first:
+            raise CoresError(f"{what}: {path} {key}[{first[rid]}] and {key}[{i}] have the same id {rid!r}; ids must be unique")
+        first[rid] = i
+
+
+def _file_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a path inside the image folder, or None. Read both ways, so that a
+    Windows-style ``C:\\x.jpg`` or ``..\\x.jpg`` is caught too."""
+    if not isinstance(name, str) or not name.strip():
+        return "not a file name"
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or name.startswith(("/", "\\")):
+        return "an absolute path; file names must be relative to the image folder"
+    if ".." in posix.parts or ".." in windows.parts:
+        return "it climbs out of the image folder ('..'); file names must be relative to it"
+    return None
+
+
+def coco_part_warnings(data: dict) -> Counter[str]:
+    """Counts of what the readers leave out or keep with a warning (a checked file): annotations
+    naming an unknown image or category (left out), annotation ids given twice (kept: an id is only
+    provenance)."""
+    images = {im["id"] for im in data["images"]}
+    cats = {c["id"] for c in data["categories"]}
+    counts: Counter[str] = Counter()
+    seen: set[Any] = set()
+    for ann in data["annotations"]:
+        if ann["image_id"] not in images:
+            counts["annotations naming an unknown image id (left out)"] += 1
+        elif ann["category_id"] not in cats:
+            counts["annotations naming an unknown category id (left out)"] += 1
+        aid = ann.get("id")
+        if _is_id(aid):
+            counts["annotation ids given twice (kept)"] += aid in seen
+            seen.add(aid)
+    return +counts
 
 
 PART_SOURCES: dict[str, Callable[[Path, str], PartSource]] = {
@@ -228,14 +314,11 @@ def read_coco_parts(
     cats = {c["id"]: c for c in data["categories"]}
     images = {im["id"]: im for im in data["images"]}
     by_image: dict[Any, list[dict]] = {}
-    orphans = 0
     for ann in data["annotations"]:
-        if ann.get("image_id") not in images or ann.get("category_id") not in cats:
-            orphans += 1
-            continue
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    if orphans:
-        log.warning("%s: %d annotation(s) name an unknown image or category; left out", source.annotation_file, orphans)
+        if ann["image_id"] in images and ann["category_id"] in cats:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    for reason, count in sorted(coco_part_warnings(data).items()):
+        log.warning("%s: %d %s", source.annotation_file, count, reason)
 
     name = f"{source.dataset}:{source.split}"
     train = source.split == "train"

@@ -4,6 +4,7 @@ Layout (what :mod:`cores_cli.reasonpart_build` writes)::
 
     DIR/manifest.jsonl                 one line per (image, part) item: provenance
     DIR/{split}/NAME.jpg + NAME.json   ReasonSeg format; {split} is partimagenet, pascalpart, ...
+    DIR/.make-reasonpart.lock, .make-reasonpart.journal   the builder's own (not read here)
 
 ``reasonpart:DIR`` evaluates every split folder of DIR together (the paper reports one gIoU and
 one cIoU for ReasonPart, over its PartImageNet and PASCAL-Part halves); ``reasonpart:DIR/pascalpart``
