@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ..errors import CoresError
 from ..runtime import resolve_device, resolve_dtype
-from .common import clean_errors, err_console, fail, stdout_line, warn
+from .common import clean_errors, err_console, stdout_line, warn
 
 
 def _reader_options(opts: list[str], queries: str | None) -> dict:
@@ -54,7 +54,8 @@ def evaluate(
     per_sample: Path = typer.Option(None, "--per-sample", help="Per-target JSONL path (default: OUTPUT with .samples.jsonl)."),
     save_vis: int = typer.Option(0, "--save-vis", min=0, help="Save overlays of the N lowest-IoU targets."),
     vis_dir: Path = typer.Option(None, "--vis-dir", help="Folder for --save-vis (default: beside OUTPUT)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the metrics and protocol as one JSON object on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics, protocol and reader warnings as one JSON object on stdout."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse to evaluate (exit 1, before the model loads) when any sample has a reader warning: a shape outside the image, no target polygon, a blank query, ..."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Processes to evaluate in (one per GPU; CPU processes when there is no GPU), via torchrun."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
@@ -72,13 +73,12 @@ def evaluate(
 
     Each query is asked on its own (LISA's protocol); ReasonSeg val/test use the first query of
     each image unless --queries all. Target pixels marked ignore (255) count in neither
-    intersection nor union.
+    intersection nor union. Samples whose annotation the reader had to warn about (listed on
+    stderr and in the results JSON) are scored as read unless --strict.
     """
-    from ..engine.eval_run import EvalRequest, init_distributed_from_env, run_eval
+    from ..engine.eval_run import EvalRequest, check_outputs, compute_eval, init_distributed_from_env
     from ..engine.loading import load_for_inference
 
-    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        raise typer.Exit(_relaunch(gpus, sys.argv[1:]))
     req = EvalRequest(
         dataset=dataset,
         data_root=data_root,
@@ -92,9 +92,17 @@ def evaluate(
         save_vis=save_vis,
         vis_dir=vis_dir,
         context_library=context_library,
+        strict=strict,
     )
+    # before any process, sample or model is started: a place that cannot take the results
+    check_outputs(req)
+    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        # read and check here first, so bad input stops with one line, not one per process
+        _read_and_check(req, checkpoint, report=strict)
+        raise typer.Exit(_relaunch(gpus, sys.argv[1:]))
     dev = init_distributed_from_env(device) or resolve_device(device)
     main = int(os.environ.get("RANK", "0")) == 0
+    samples, summary = _read_and_check(req, checkpoint, report=main)
     loaded = load_for_inference(checkpoint, preset, list(set_), dev, resolve_dtype(dtype, dev), seed)
     if loaded.random_weights and main:
         warn(f"{loaded.source}: the numbers only exercise the protocol")
@@ -104,14 +112,64 @@ def evaluate(
             task = bar.add_task(dataset, total=total)
             return lambda n: bar.advance(task, n)
 
-        result, proto = run_eval(req, loaded, factory)
+        run = compute_eval(req, loaded, samples, factory)
     if not main:
         return
+    # the numbers are shown before any file is written, so a failed write loses nothing
     if json_out:
-        stdout_line(json.dumps({"dataset": dataset, "protocol": proto, "metrics": result.metrics}))
-    _print_table(result.metrics, proto, loaded.source)
-    if output is not None:
-        err_console.print(f"wrote {output} and its per-target records")
+        stdout_line(json.dumps({"dataset": dataset, "protocol": run.protocol, "metrics": run.result.metrics, "warnings": run.warnings}))
+    _print_table(run.result.metrics, run.protocol, loaded.source)
+    if summary.affected:
+        err_console.print(f"  reader warnings: {summary.headline()}; listed above" + (" and in the results JSON" if output else ""), markup=False, highlight=False)
+    written = _write_or_keep(req, loaded, run, json_out)
+    if written:
+        err_console.print("wrote " + _describe_written(written), markup=False, highlight=False)
+
+
+def _read_and_check(req, checkpoint: Path | None, report: bool):
+    """The samples and their warning summary, after the checks that need them: no output may
+    be an input, and ``--strict`` refuses warned samples. ``report`` prints the warnings."""
+    from ..engine.eval_run import WarningSummary, check_outputs, input_files, load_eval_samples, refuse_warnings
+
+    samples = load_eval_samples(req)
+    check_outputs(req, input_files(req, samples, checkpoint))
+    summary = WarningSummary.of(samples)
+    if report:
+        _print_warnings(summary, req.strict)
+    if req.strict:
+        refuse_warnings(summary)
+    return samples, summary
+
+
+def _write_or_keep(req, loaded, run, json_out: bool) -> list[Path]:
+    """Write the outputs; if one fails, say where the computed metrics still are (printing the
+    results JSON on stdout when no file and no --json holds them) and exit 1."""
+    from ..engine.eval_run import OutputWriteError, results_document, write_outputs
+
+    try:
+        return write_outputs(req, loaded, run)
+    except OutputWriteError as e:
+        if req.output is not None and all(path != req.output for path, _ in e.failed):
+            raise CoresError(f"{e}; the metrics were written to {req.output}") from None
+        if not json_out:
+            stdout_line(json.dumps(results_document(req, loaded, run, None), ensure_ascii=False))
+        raise CoresError(f"{e}; the metrics were computed and are in the JSON printed on stdout") from None
+
+
+def _print_warnings(summary, strict: bool) -> None:
+    lines = summary.lines(strict)
+    if lines:
+        warn(lines[0])
+        for line in lines[1:]:
+            err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _describe_written(written: list[Path]) -> str:
+    files = [str(p) for p in written if p.suffix != ".png"]
+    pngs = [p for p in written if p.suffix == ".png"]
+    if pngs:
+        files.append(f"{len(pngs)} overlay(s) in {pngs[0].parent}")
+    return ", ".join(files)
 
 
 def _print_table(metrics: dict, proto: dict, source: str) -> None:

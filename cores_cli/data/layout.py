@@ -74,10 +74,16 @@ class DirIndex:
         return path.name in self.names(path.parent)
 
 
-def missing_images_error(
-    missing: Sequence[Path], total: int, what: str, hint: str = "pass skip_missing=True to leave those samples out"
-) -> CoresError:
-    """``hint`` says how to go on without them, in the words of the caller (an option, a flag)."""
+SKIP_MISSING_HINT = (
+    "to leave those samples out: --opt skip_missing=true on cores eval, "
+    "skip_missing: true in a training recipe's dataset options, skip_missing=True in Python"
+)
+"""How to go on without missing images, in the words of every caller of the readers."""
+
+
+def missing_images_error(missing: Sequence[Path], total: int, what: str, hint: str = SKIP_MISSING_HINT) -> CoresError:
+    """``hint`` says how to go on without them, in the words of the caller (an option, a flag);
+    the default names the option of each front end, since readers do not know which called them."""
     return CoresError(f"{what}: {len(missing)} of {total} images are missing, the first is {missing[0]} ({hint})")
 
 

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .records import IGNORE, MaskSpec
+from .records import IGNORE, MaskSpec, ReaderWarning
 
 COORD_LIMIT = 2**30
 """Coordinates beyond ±2^30 px cannot be cast to int32 safely; such shapes are skipped."""
@@ -139,14 +139,14 @@ def parse_labelme_shapes(raw: Any, where: str = "") -> tuple[tuple[PolygonShape,
     warnings: list[str] = []
     out: list[PolygonShape] = []
     if not isinstance(raw, list):
-        return (), [f"{pre}'shapes' is not a list; no mask"]
+        return (), [ReaderWarning("shapes_not_list", f"{pre}'shapes' is a {type(raw).__name__}, not a list; no mask")]
     for k, shape in enumerate(raw):
         if not isinstance(shape, dict) or "points" not in shape:
-            warnings.append(f"{pre}shape {k} has no 'points'; skipped")
+            warnings.append(ReaderWarning("shape_without_points", f"{pre}shape {k} has no 'points'; skipped"))
             continue
         label = shape.get("label", "")
         if not isinstance(label, str):
-            warnings.append(f"{pre}shape {k} label {label!r} is not a string; used as {str(label)!r}")
+            warnings.append(ReaderWarning("label_not_string", f"{pre}shape {k} label {label!r} is not a string; used as {str(label)!r}"))
             label = str(label)
         pts = shape["points"]
         try:
@@ -154,19 +154,20 @@ def parse_labelme_shapes(raw: Any, where: str = "") -> tuple[tuple[PolygonShape,
             if len(points) != len(pts):
                 raise ValueError
         except (TypeError, ValueError, IndexError, KeyError):
-            warnings.append(f"{pre}shape {k} ({label!r}) points are not [x, y] pairs; skipped")
+            warnings.append(ReaderWarning("bad_points", f"{pre}shape {k} ({label!r}) points are not [x, y] pairs; skipped"))
             continue
         if label.lower() == "flag":
             out.append(PolygonShape(label, points))
             continue
         if not points:
-            warnings.append(f"{pre}shape {k} ({label!r}) has no points; skipped")
+            warnings.append(ReaderWarning("no_points", f"{pre}shape {k} ({label!r}) has no points; skipped"))
             continue
         if not all(math.isfinite(v) and abs(v) <= COORD_LIMIT for p in points for v in p):
-            warnings.append(f"{pre}shape {k} ({label!r}) has a NaN, infinite or out-of-range coordinate; skipped")
+            warnings.append(ReaderWarning("bad_coordinate", f"{pre}shape {k} ({label!r}) has a NaN, infinite or out-of-range coordinate; skipped"))
             continue
         if len(points) < 3:
-            warnings.append(f"{pre}shape {k} ({label!r}) has {len(points)} point(s); drawn as a {'line' if len(points) == 2 else 'dot'}, as LISA does")
+            shape_of = "line" if len(points) == 2 else "dot"
+            warnings.append(ReaderWarning("few_points", f"{pre}shape {k} ({label!r}) has {len(points)} point(s); drawn as a {shape_of}, as LISA does"))
         out.append(PolygonShape(label, points))
     return tuple(out), warnings
 
@@ -180,6 +181,29 @@ def shapes_outside(shapes: Sequence[PolygonShape], height: int, width: int) -> l
             continue
         x, y = pts[0, :, 0], pts[0, :, 1]
         if x.max() < 0 or y.max() < 0 or x.min() >= width or y.min() >= height:
+            bad.append(k)
+    return bad
+
+
+def beyond_margin(side: int) -> float:
+    """How far past an image side a point may lie before its shape is reported: LabelMe keeps
+    points inside the image, and a few pixels of slack allow for rounding and border clicks."""
+    return max(2.0, 0.01 * side)
+
+
+def shapes_beyond(shapes: Sequence[PolygonShape], height: int, width: int) -> list[int]:
+    """Indices of drawable non-flag shapes that overlap a (height, width) image but reach past
+    it by more than :func:`beyond_margin`: the mark of an annotation drawn on a larger copy of
+    the image (drawing clips them, so the mask silently loses that part)."""
+    outside = set(shapes_outside(shapes, height, width))
+    mx, my = beyond_margin(width), beyond_margin(height)
+    bad = []
+    for k, s in enumerate(shapes):
+        if k in outside or s.is_flag or _int_points(s.points) is None:
+            continue
+        a = np.asarray(s.points, dtype=np.float64)
+        x, y = a[:, 0], a[:, 1]
+        if x.min() < -mx or y.min() < -my or x.max() > width + mx or y.max() > height + my:
             bad.append(k)
     return bad
 
@@ -307,24 +331,24 @@ def parse_coco_segmentation(seg: Any, where: str = "") -> tuple[tuple[Polygon, .
         try:
             h, w = int(size[0]), int(size[1])
         except (TypeError, ValueError, IndexError):
-            warnings.append(f"{pre}{tag} has no valid 'size'; skipped")
+            warnings.append(ReaderWarning("bad_rle", f"{pre}{tag} has no valid 'size'; skipped"))
             return
         if isinstance(counts, bytes):
             counts = counts.decode("ascii")
         if isinstance(counts, str):
             total = compressed_rle_total(counts)
             if total != h * w:
-                warnings.append(f"{pre}{tag} compressed counts are malformed or do not cover {h}×{w}; skipped")
+                warnings.append(ReaderWarning("bad_rle", f"{pre}{tag} compressed counts are malformed or do not cover {h}×{w}; skipped"))
                 return
             rles.append(Rle(counts, (h, w)))
             return
         if isinstance(counts, list) and all(isinstance(c, int) and c >= 0 for c in counts):
             if sum(counts) != h * w:
-                warnings.append(f"{pre}{tag} counts add up to {sum(counts)}, not {h}×{w}; skipped")
+                warnings.append(ReaderWarning("bad_rle", f"{pre}{tag} counts add up to {sum(counts)}, not {h}×{w}; skipped"))
                 return
             rles.append(Rle(tuple(counts), (h, w)))
             return
-        warnings.append(f"{pre}{tag} 'counts' is neither a string nor a list of run lengths; skipped")
+        warnings.append(ReaderWarning("bad_rle", f"{pre}{tag} 'counts' is neither a string nor a list of run lengths; skipped"))
 
     if isinstance(seg, dict):
         add_rle(seg, None)
@@ -336,18 +360,18 @@ def parse_coco_segmentation(seg: Any, where: str = "") -> tuple[tuple[Polygon, .
             try:
                 poly = tuple(float(v) for v in item)
             except (TypeError, ValueError):
-                warnings.append(f"{pre}polygon {k} is not a list of numbers; skipped")
+                warnings.append(ReaderWarning("bad_polygon", f"{pre}polygon {k} is not a list of numbers; skipped"))
                 continue
             if not all(math.isfinite(v) for v in poly):
-                warnings.append(f"{pre}polygon {k} has a NaN or infinite coordinate; skipped")
+                warnings.append(ReaderWarning("bad_polygon", f"{pre}polygon {k} has a NaN or infinite coordinate; skipped"))
             elif len(poly) % 2:
-                warnings.append(f"{pre}polygon {k} has an odd number of coordinates ({len(poly)}); skipped")
+                warnings.append(ReaderWarning("bad_polygon", f"{pre}polygon {k} has an odd number of coordinates ({len(poly)}); skipped"))
             elif len(poly) < 6:
-                warnings.append(f"{pre}polygon {k} has {len(poly) // 2} point(s), fewer than 3; skipped")
+                warnings.append(ReaderWarning("bad_polygon", f"{pre}polygon {k} has {len(poly) // 2} point(s), fewer than 3; skipped"))
             else:
                 polys.append(poly)
     else:
-        warnings.append(f"{pre}segmentation of type {type(seg).__name__} is not supported; empty mask")
+        warnings.append(ReaderWarning("unsupported_segmentation", f"{pre}segmentation of type {type(seg).__name__} is not supported; empty mask"))
     return tuple(polys), tuple(rles), warnings
 
 

@@ -26,10 +26,12 @@ as written, stripped of surrounding spaces (LISA lower-cases phrases only in tra
 Where LISA differs: it enumerates ``*.jpg`` and opens the JSON beside each (a JSON without an
 image is silently unused, an image without JSON crashes); we enumerate the JSONs, look for
 ``NAME.jpg`` (then ``.jpeg``, ``.png``), and report missing images as one clear error
-(``skip_missing=True`` leaves them out). A JSON missing ``text``, ``is_sentence`` or ``shapes``
-is an error naming the file and key. Degenerate shapes are handled per
-:func:`~cores_cli.data.masks.parse_labelme_shapes` and listed in ``meta["warnings"]``; with the
-image present, shapes lying wholly outside it are reported there too.
+(``skip_missing=True`` in Python, ``--opt skip_missing=true`` on ``cores eval``, leaves them
+out). A JSON missing ``text``, ``is_sentence`` or ``shapes`` is an error naming the file and
+key. Degenerate shapes are handled per :func:`~cores_cli.data.masks.parse_labelme_shapes` and
+listed in ``meta["warnings"]`` (:class:`~cores_cli.data.records.ReaderWarning`, with a kind);
+so are, with the image present, shapes lying wholly outside it or reaching well beyond it
+(drawn for a larger copy of the image), a sample without a target polygon, and a blank query.
 
 An optional top-level ``"cores_synthetic"`` key (written by our synthetic generator, ignored
 by LISA) carries the part's container: ``meta["container"]`` and ``meta["container_mask"]``.
@@ -43,8 +45,8 @@ from typing import Any, Literal
 
 from ..errors import CoresError
 from .layout import DirIndex, chunk, load_json, missing_images_error, require_dir, upright_size
-from .masks import LabelmePolygonMask, parse_labelme_shapes, shapes_outside
-from .records import QARound, SegSample
+from .masks import LabelmePolygonMask, PolygonShape, parse_labelme_shapes, shapes_beyond, shapes_outside
+from .records import QARound, ReaderWarning, SegSample
 
 log = logging.getLogger("cores.data")
 
@@ -87,10 +89,14 @@ def parse_reasonseg_file(
         size = upright_size(image_path)
         if size is not None:
             meta["image_size"] = size
-            for k in shapes_outside(shapes, *size):
-                warnings.append(f"shape {k} ({shapes[k].label!r}) lies wholly outside the {size[1]}×{size[0]} image; draws nothing")
+            warnings.extend(_bounds_warnings(shapes, *size))
     if not any(not s.is_flag and not s.is_ignore for s in shapes):
-        warnings.append("no target polygon: the mask is empty")
+        warnings.append(ReaderWarning("no_target", "no target polygon: the mask is empty"))
+    style = "sentence" if is_sentence else "phrase"
+    chosen = texts[:1] if queries == "first" else texts
+    for i, t in enumerate(chosen):
+        if not t.strip():
+            warnings.append(ReaderWarning("blank_query", f"query {i} of 'text' is blank"))
     extra = anno.get(SYNTHETIC_KEY)
     if isinstance(extra, dict):
         cshapes, cwarn = parse_labelme_shapes(extra.get("container_shapes", []), "container")
@@ -101,9 +107,20 @@ def parse_reasonseg_file(
     if warnings:
         meta["warnings"] = warnings
     target = LabelmePolygonMask(shapes)
-    style = "sentence" if is_sentence else "phrase"
-    chosen = texts[:1] if queries == "first" else texts
     return [QARound(t.strip(), target, style) for t in chosen], meta
+
+
+def _bounds_warnings(shapes: tuple[PolygonShape, ...], height: int, width: int) -> list[str]:
+    """Shapes that do not fit the (upright) image: wholly outside it, or reaching well past it."""
+    out: list[str] = []
+    for k in shapes_outside(shapes, height, width):
+        out.append(ReaderWarning("shape_outside_image", f"shape {k} ({shapes[k].label!r}) lies wholly outside the {width}×{height} image; draws nothing"))
+    for k in shapes_beyond(shapes, height, width):
+        xs = [p[0] for p in shapes[k].points]
+        ys = [p[1] for p in shapes[k].points]
+        span = f"x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}"
+        out.append(ReaderWarning("shape_beyond_image", f"shape {k} ({shapes[k].label!r}) spans {span}, beyond the {width}×{height} image (drawn for a larger image?); clipped"))
+    return out
 
 
 def read_split_dir(

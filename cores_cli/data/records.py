@@ -6,6 +6,10 @@ round's :class:`MaskSpec` at the image's size, and builds the model's tensors.
 
 Mask values: 0 background, 1 target, 255 ignore (LISA's convention). Training treats 255 as
 background; evaluation leaves 255 pixels out of intersection and union.
+
+Readers list what they found wrong with a sample in ``meta["warnings"]``: messages that are
+:class:`ReaderWarning` strings, each with a stable short ``kind`` (:data:`WARNING_KINDS`) that
+``cores eval`` counts and stores by.
 """
 
 from __future__ import annotations
@@ -17,6 +21,52 @@ from typing import Any, Literal
 import numpy as np
 
 IGNORE = 255
+
+WARNING_KINDS: dict[str, str] = {
+    "shapes_not_list": "the annotation's 'shapes' is not a list (a dict, a string, ...): no mask",
+    "shape_without_points": "a shape is not an object with 'points': skipped",
+    "label_not_string": "a shape's label is not a string: used as its text",
+    "bad_points": "a shape's points are not [x, y] pairs: skipped",
+    "no_points": "a shape has no points: skipped",
+    "bad_coordinate": "a NaN, infinite or out-of-range coordinate: shape skipped",
+    "few_points": "a polygon of 1 or 2 points: drawn as a dot or line, as LISA does",
+    "shape_outside_image": "a shape lies wholly outside the image: draws nothing",
+    "shape_beyond_image": "a shape reaches well beyond the image (drawn for a larger image?): clipped",
+    "no_target": "no target polygon: the target mask is empty",
+    "blank_query": "a query (sentence) is blank",
+    "bad_polygon": "a COCO polygon is malformed: skipped",
+    "bad_rle": "a COCO RLE is malformed: skipped",
+    "unsupported_segmentation": "a COCO segmentation of an unsupported type: empty mask",
+    "unknown_annotation": "a ref names an annotation that is not in instances.json: ref skipped",
+    "no_valid_segmentation": "a class of the image has no usable segmentation: its round is left out",
+    "size_mismatch": "the annotation was made for another image size: masks resized",
+    "other": "a warning a reader gave without a kind",
+}
+"""Every kind of reader warning, with what it means for the sample."""
+
+
+class ReaderWarning(str):
+    """One warning about a sample: the message itself (a ``str``, so code that prints, joins or
+    stores warnings keeps working) with a stable short ``kind`` from :data:`WARNING_KINDS`."""
+
+    kind: str
+
+    def __new__(cls, kind: str, message: str) -> ReaderWarning:
+        if kind not in WARNING_KINDS:
+            raise ValueError(f"unknown reader warning kind {kind!r}")
+        obj = super().__new__(cls, message)
+        obj.kind = kind
+        return obj
+
+    def __reduce__(self):
+        # samples travel between processes (DataLoader workers, torch.distributed gathers)
+        return (type(self), (self.kind, str(self)))
+
+
+def warning_kind(message: str) -> str:
+    """The kind of a warning in ``meta["warnings"]``; ``"other"`` for a plain string."""
+    return getattr(message, "kind", "other")
+
 
 QueryStyle = Literal["sentence", "phrase"]
 """``sentence``: a full question/instruction (ReasonSeg long, ReasonPart); ``phrase``: a noun

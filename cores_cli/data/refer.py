@@ -49,7 +49,7 @@ from typing import Any
 from ..errors import CoresError
 from .layout import DirIndex, chunk, load_json, missing_images_error, require_dir, require_file
 from .masks import CocoMask, Polygon, Rle, parse_coco_segmentation
-from .records import QARound, SegSample
+from .records import QARound, ReaderWarning, SegSample
 
 log = logging.getLogger("cores.data")
 
@@ -188,7 +188,7 @@ def load_refer(
             for sent in ref["sentences"]:
                 text = str(sent.get("sent", "") if isinstance(sent, dict) else sent).strip().lower()
                 if not text:
-                    warnings.append(f"ref {ref['ref_id']}: an empty sentence; skipped")
+                    warnings.append(ReaderWarning("blank_query", f"ref {ref['ref_id']}: an empty sentence; skipped"))
                     continue
                 rounds.append(QARound(text, spec, "phrase", cats.get(ref.get("category_id"))))
         if not rounds:
@@ -223,7 +223,7 @@ def _ref_mask(ref: dict, anns: dict, h: int, w: int, warnings: list[str]) -> Coc
             continue
         ann = anns.get(ann_id)
         if ann is None:
-            warnings.append(f"ref {ref['ref_id']}: annotation {ann_id} is not in instances.json; ref skipped")
+            warnings.append(ReaderWarning("unknown_annotation", f"ref {ref['ref_id']}: annotation {ann_id} is not in instances.json; ref skipped"))
             return None
         p, r, warn = parse_coco_segmentation(ann.get("segmentation", []), f"ref {ref['ref_id']} ann {ann_id}")
         polys.extend(p)

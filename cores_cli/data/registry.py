@@ -22,6 +22,8 @@ Options (``**opts``) go to the reader; an option the reader does not take is an 
 lists those it does, and options whose value is None are dropped (so a CLI can pass its
 unset flags through). Common ones: ``rounds_per_sample`` (default 3 on ``train``, all on eval
 splits), ``skip_missing`` (leave out samples whose image is missing instead of failing).
+On the command line they are ``cores eval --opt key=value`` (``--opt skip_missing=true``); in a
+training recipe, a dataset's ``options: {key: value}``.
 """
 
 from __future__ import annotations

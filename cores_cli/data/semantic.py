@@ -26,7 +26,7 @@ Label conventions (as LISA applies them; see :func:`~cores_cli.data.masks.decode
 - Any value with no class name → ignore (LISA would fail on it).
 
 Records: the sample set is the label PNGs (each must have its image; missing images are one
-clear error, or ``skip_missing=True``). A sample asks about the classes present in its label
+clear error, or ``skip_missing=True``: ``--opt skip_missing=true`` on ``cores eval``). A sample asks about the classes present in its label
 map, one ``"phrase"`` round per class (the query and ``class_name`` are the class name; LISA
 lower-cases it), mask :class:`~cores_cli.data.masks.LabelMapMask` (1 on the class, 255 on
 ignored pixels, which training treats as background: LISA's binary ``label == class``).

@@ -1,19 +1,30 @@
-"""A whole ``cores eval`` run as a plain function: load, evaluate, write the results.
+"""A whole ``cores eval`` run as plain functions: check the outputs, read the samples and
+their warnings, evaluate, write the results.
 
 Outputs (all atomic):
 
-- ``--output results.json``: ``{"dataset", "protocol", "metrics", "model", "seconds", ...}``;
+- ``--output results.json``: ``{"dataset", "protocol", "metrics", "warnings", "model",
+  "seconds", ...}``; ``warnings`` counts the evaluated samples with reader warnings by kind
+  (:data:`~cores_cli.data.records.WARNING_KINDS`) and lists their ids and messages;
 - beside it (or at ``--per-sample``) a JSONL with one line per target: id, sample_id, query,
-  class_name, intersection, union, iou, size bucket, area_fraction; the aggregate metrics
-  can be recomputed from it alone (:func:`metrics_from_records`);
+  class_name, intersection, union, iou, size bucket, area_fraction (and ``warnings``, the kinds,
+  for a sample that has some); the aggregate metrics can be recomputed from it alone
+  (:func:`metrics_from_records`);
 - ``--save-vis N``: PNGs of the N lowest-IoU targets, prediction filled and ground truth
   outlined.
+
+Where things can go wrong, they do so before the model runs: :func:`check_outputs` refuses
+output paths that cannot be written (a folder given as a file, a parent that is a file, a
+read-only place) or that name an input, and ``strict`` refuses samples with reader warnings.
+A write that still fails after evaluating is reported per path (:class:`OutputWriteError`),
+after every other output was attempted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +36,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from .. import __version__
+from ..data.records import warning_kind
 from ..data.registry import load_samples, protocol
 from ..data.transform import sample_pixels
 from ..errors import CoresError
@@ -48,6 +60,30 @@ class EvalRequest:
     save_vis: int = 0
     vis_dir: Path | None = None
     context_library: Path | None = None
+    strict: bool = False
+    """Refuse to evaluate when any sample has a reader warning."""
+
+
+@dataclass
+class EvalRun:
+    """What one evaluation computed, the same on every rank (``worst``: the N lowest-IoU
+    targets of all ranks, with their predicted masks)."""
+
+    result: EvalResult
+    protocol: dict[str, Any]
+    warnings: dict[str, Any]
+    samples: list
+    worst: list[tuple[float, str, np.ndarray]]
+
+
+class OutputWriteError(CoresError):
+    """Outputs that could not be written after the evaluation ran; ``failed`` lists them."""
+
+    def __init__(self, failed: list[tuple[Path, OSError]]) -> None:
+        first, err = failed[0]
+        more = f" (and {len(failed) - 1} more file(s))" if len(failed) > 1 else ""
+        super().__init__(f"could not write {first}: {err.strerror or err}{more}")
+        self.failed = failed
 
 
 def load_eval_samples(req: EvalRequest) -> list:
@@ -55,6 +91,180 @@ def load_eval_samples(req: EvalRequest) -> list:
     if not samples:
         raise CoresError(f"{req.dataset}: no samples to evaluate")
     return samples[: req.limit] if req.limit else samples
+
+
+# ------------------------------------------------------------------------- reader warnings
+
+
+@dataclass
+class WarningSummary:
+    """The reader warnings of the evaluated samples, counted once per sample and kind."""
+
+    n_samples: int
+    sample_ids: dict[str, list[str]]
+    """kind → ids of the samples with a warning of that kind, most frequent kind first."""
+    examples: dict[str, str]
+    """kind → its first message."""
+    messages: dict[str, list[str]]
+    """sample id → all its warnings."""
+
+    @classmethod
+    def of(cls, samples: list) -> WarningSummary:
+        ids_by_kind: dict[str, list[str]] = {}
+        examples: dict[str, str] = {}
+        messages: dict[str, list[str]] = {}
+        for s in samples:
+            found = list(s.meta.get("warnings", ()))
+            if not found:
+                continue
+            messages[s.sample_id] = [str(w) for w in found]
+            for w in found:
+                kind = warning_kind(w)
+                ids = ids_by_kind.setdefault(kind, [])
+                if not ids or ids[-1] != s.sample_id:
+                    ids.append(s.sample_id)
+                examples.setdefault(kind, str(w))
+        kinds = sorted(ids_by_kind, key=lambda k: (-len(ids_by_kind[k]), k))
+        return cls(len(samples), {k: ids_by_kind[k] for k in kinds}, examples, messages)
+
+    @property
+    def affected(self) -> int:
+        """How many samples have at least one warning."""
+        return len(self.messages)
+
+    def counts(self) -> dict[str, int]:
+        return {k: len(ids) for k, ids in self.sample_ids.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The results JSON's ``warnings`` section."""
+        return {"samples": self.affected, "counts": self.counts(), "sample_ids": self.sample_ids, "messages": self.messages}
+
+    def headline(self) -> str:
+        kinds = ", ".join(f"{k} {n}" for k, n in self.counts().items())
+        return f"{self.affected} of {self.n_samples} samples have reader warnings ({kinds})"
+
+    def lines(self, strict: bool = False, shown: int = 3) -> list[str]:
+        """A terminal report: the headline, then per kind its first ``shown`` sample ids and
+        its first message. Empty when there is nothing to report."""
+        if not self.affected:
+            return []
+        fate = "--strict refuses them" if strict else "they are scored as read (--strict would refuse them)"
+        out = [f"{self.headline()}; {fate}"]
+        for kind, ids in self.sample_ids.items():
+            listed = ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+            out.append(f"  {kind}: {listed} (e.g. {self.examples[kind]})")
+        return out
+
+
+def refuse_warnings(summary: WarningSummary) -> None:
+    """``strict``: any reader warning stops the run before the model is loaded (the warnings
+    are known from reading alone, and results over doubtful targets would mislead)."""
+    if summary.affected:
+        raise CoresError(f"--strict: {summary.headline()}; nothing was evaluated")
+
+
+# --------------------------------------------------------------------------------- outputs
+
+
+def per_sample_path(req: EvalRequest) -> Path | None:
+    if req.per_sample is not None:
+        return req.per_sample
+    if req.output is not None:
+        return req.output.with_name(req.output.stem + ".samples.jsonl")
+    return None
+
+
+def vis_path(req: EvalRequest) -> Path | None:
+    """The folder of ``--save-vis`` overlays (None when none are asked for)."""
+    if not req.save_vis:
+        return None
+    if req.vis_dir is not None:
+        return req.vis_dir
+    return req.output.parent / (req.output.stem + "_worst") if req.output else Path("cores_eval_worst")
+
+
+def check_outputs(req: EvalRequest, inputs: list[Path] | None = None) -> None:
+    """Refuse, before any work, outputs that could not be written or would overwrite an input.
+
+    A file output must not be a folder (or a device), its folder must be creatable and
+    writable (the nearest existing ancestor is a folder where a file can be made), no two
+    outputs may share a path, and none may be one of ``inputs`` (see :func:`input_files`).
+    """
+    files = [(flag, path) for flag, path in (("--output", req.output), ("--per-sample", per_sample_path(req))) if path is not None]
+    for flag, path in files:
+        if path.is_dir():
+            raise CoresError(f"{flag} {path} is a folder; give the path of a file to write")
+        if path.exists() and not path.is_file():
+            raise CoresError(f"{flag} {path} exists and is not a regular file; give the path of a file to write")
+        _check_writable_folder(flag, path, path.parent)
+    if len(files) == 2 and os.path.abspath(files[0][1]) == os.path.abspath(files[1][1]):
+        raise CoresError(f"--output and --per-sample are the same file ({files[0][1]}); give them different names")
+    vis = vis_path(req)
+    if vis is not None:
+        if vis.exists() and not vis.is_dir():
+            raise CoresError(f"--vis-dir {vis} is a file; --save-vis needs a folder")
+        _check_writable_folder("--vis-dir", vis, vis)
+    for flag, path in files:
+        clash = _same_file(path, inputs or [])
+        if clash is not None:
+            raise CoresError(f"{flag} {path} is one of the inputs ({clash}); write the results elsewhere")
+
+
+def _check_writable_folder(flag: str, path: Path, folder: Path) -> None:
+    """``folder`` exists and takes a new file, or can be created: checked in its nearest existing
+    ancestor by making (and removing) a probe file, which works for root and read-only mounts."""
+    ancestor = Path(os.path.abspath(folder))
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CoresError(f"cannot write {flag} {path}: {ancestor} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cores-eval-probe.", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CoresError(f"cannot write {flag} {path}: {ancestor}: {e.strerror or e}") from None
+
+
+def input_files(req: EvalRequest, samples: list, checkpoint: Path | None = None) -> list[Path]:
+    """The files an evaluation reads that an output must never replace: every sample's image
+    and annotation file, the exemplar library, and the checkpoint's own files."""
+    found: list[Path] = [Path(req.context_library)] if req.context_library is not None else []
+    for s in samples:
+        if s.image_array is None:
+            found.append(Path(s.image_path))
+        if isinstance(s.meta.get("json"), str):
+            found.append(Path(s.meta["json"]))
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        ckpt = Path(checkpoint)
+        found += [ckpt / "config.json", ckpt / "weights.safetensors"]
+        for sub in ("tokenizer", "adapter"):
+            if (ckpt / sub).is_dir():
+                found += [p for p in (ckpt / sub).rglob("*") if p.is_file()]
+    return found
+
+
+def _same_file(path: Path, candidates: list[Path]) -> Path | None:
+    """The candidate that ``path`` already is (same file on disk), if any. Only names that
+    match are compared on disk, so a long list of sample files costs no system calls."""
+    try:
+        real = Path(os.path.realpath(path))
+        if not real.is_file():
+            return None
+    except OSError:
+        return None
+    names = {path.name, real.name}
+    for c in candidates:
+        if c.name in names:
+            try:
+                if os.path.samefile(c, real):
+                    return c
+            except OSError:
+                continue
+    return None
+
+
+# ------------------------------------------------------------------------------ evaluation
 
 
 def describe(req: EvalRequest, loaded: LoadedModel, n_samples: int, n_targets: int, world: int) -> dict[str, Any]:
@@ -73,9 +283,19 @@ def describe(req: EvalRequest, loaded: LoadedModel, n_samples: int, n_targets: i
     }
 
 
-def run_eval(req: EvalRequest, loaded: LoadedModel, progress_factory: Callable[[int], Callable[[int], None]] | None = None) -> tuple[EvalResult, dict[str, Any]]:
-    """Evaluate and write the outputs (rank 0 writes). Returns the result and the protocol."""
-    samples = load_eval_samples(req)
+def compute_eval(
+    req: EvalRequest,
+    loaded: LoadedModel,
+    samples: list | None = None,
+    progress_factory: Callable[[int], Callable[[int], None]] | None = None,
+) -> EvalRun:
+    """Evaluate (every rank takes its share) and gather what the outputs need; writes nothing.
+    ``samples`` defaults to :func:`load_eval_samples`; with ``req.strict``, reader warnings
+    stop the run first."""
+    samples = load_eval_samples(req) if samples is None else samples
+    summary = WarningSummary.of(samples)
+    if req.strict:
+        refuse_warnings(summary)
     sampler = exemplar_sampler(loaded.model, req.context_library, req.seed)
     progress = progress_factory(len(samples)) if progress_factory else None
     result = evaluate(
@@ -90,49 +310,80 @@ def run_eval(req: EvalRequest, loaded: LoadedModel, progress_factory: Callable[[
         parts: list[list | None] = [None] * world
         dist.all_gather_object(parts, result.worst)
         worst = sorted((w for part in parts for w in (part or [])), key=lambda w: w[0])
+    # every rank read the whole sample list, so the warnings are counted once, from it alone
+    return EvalRun(result, proto, summary.to_json(), samples, worst[: req.save_vis])
+
+
+def results_document(req: EvalRequest, loaded: LoadedModel, run: EvalRun, per_sample_file: Path | None) -> dict[str, Any]:
+    """What ``--output`` holds."""
+    return {
+        "cores_version": __version__,
+        "dataset": req.dataset,
+        "protocol": run.protocol,
+        "metrics": run.result.metrics,
+        "warnings": run.warnings,
+        "model": {"source": loaded.source, "preset": loaded.model.cfg.preset, "random_weights": loaded.random_weights},
+        "per_sample": str(per_sample_file) if per_sample_file else None,
+        "seconds": round(run.result.seconds, 3),
+    }
+
+
+def write_outputs(req: EvalRequest, loaded: LoadedModel, run: EvalRun) -> list[Path]:
+    """Write every output the request names (call on the main process); returns what was
+    written. A failed write does not stop the others: all are attempted, then
+    :class:`OutputWriteError` lists the failures."""
+    failed: list[tuple[Path, OSError]] = []
+    written: list[Path] = []
+    samples_file = per_sample_path(req)
+    if samples_file is not None:
+        try:
+            with atomic_open(samples_file) as fh:
+                for r in run.result.records:
+                    fh.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+            written.append(samples_file)
+        except OSError as e:
+            failed.append((samples_file, e))
+            samples_file = None
+    if req.output is not None:
+        try:
+            atomic_write_json(req.output, results_document(req, loaded, run, samples_file))
+            written.append(req.output)
+        except OSError as e:
+            failed.append((req.output, e))
+    vis = vis_path(req)
+    if vis is not None:
+        done, errors = _draw(vis, run.samples, run.worst)
+        written += done
+        failed += errors
+    if failed:
+        raise OutputWriteError(failed)
+    return written
+
+
+def run_eval(
+    req: EvalRequest,
+    loaded: LoadedModel,
+    progress_factory: Callable[[int], Callable[[int], None]] | None = None,
+    samples: list | None = None,
+) -> tuple[EvalResult, dict[str, Any]]:
+    """Check the outputs, evaluate, and write the outputs (rank 0 writes). Returns the result
+    and the protocol."""
+    check_outputs(req)
+    run = compute_eval(req, loaded, samples, progress_factory)
     if _is_main():
-        _write_outputs(req, loaded, result, proto)
-        if req.save_vis:
-            _draw(req, samples, worst[: req.save_vis])
-    return result, proto
+        write_outputs(req, loaded, run)
+    return run.result, run.protocol
 
 
 def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def per_sample_path(req: EvalRequest) -> Path | None:
-    if req.per_sample is not None:
-        return req.per_sample
-    if req.output is not None:
-        return req.output.with_name(req.output.stem + ".samples.jsonl")
-    return None
-
-
-def _write_outputs(req: EvalRequest, loaded: LoadedModel, result: EvalResult, proto: dict[str, Any]) -> None:
-    samples_file = per_sample_path(req)
-    if samples_file is not None:
-        with atomic_open(samples_file) as fh:
-            for r in result.records:
-                fh.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-    if req.output is not None:
-        atomic_write_json(
-            req.output,
-            {
-                "cores_version": __version__,
-                "dataset": req.dataset,
-                "protocol": proto,
-                "metrics": result.metrics,
-                "model": {"source": loaded.source, "preset": loaded.model.cfg.preset, "random_weights": loaded.random_weights},
-                "per_sample": str(samples_file) if samples_file else None,
-                "seconds": round(result.seconds, 3),
-            },
-        )
-
-
-def _draw(req: EvalRequest, samples: list, worst: list[tuple[float, str, np.ndarray]]) -> None:
-    out_dir = req.vis_dir or (req.output.parent / (req.output.stem + "_worst") if req.output else Path("cores_eval_worst"))
+def _draw(out_dir: Path, samples: list, worst: list[tuple[float, str, np.ndarray]]) -> tuple[list[Path], list[tuple[Path, OSError]]]:
+    """One overlay per target of ``worst``; a file that cannot be written is reported, not fatal."""
     by_id = {s.sample_id: s for s in samples}
+    done: list[Path] = []
+    failed: list[tuple[Path, OSError]] = []
     for rank, (iou, tid, pred) in enumerate(worst, 1):
         sample_id, _, r = tid.rpartition("#")
         sample = by_id[sample_id]
@@ -140,8 +391,13 @@ def _draw(req: EvalRequest, samples: list, worst: list[tuple[float, str, np.ndar
         pixels = sample_pixels(sample)
         target = rnd.target.rasterize(*pixels.shape[:2])
         img = comparison(pixels, pred, target, f"IoU {iou:.3f}: {rnd.query[:80]}")
-        name = f"{rank:03d}_iou{iou:.3f}_{_safe(tid)}.png"
-        save_image_atomic(Image.fromarray(img), out_dir / name)
+        path = out_dir / f"{rank:03d}_iou{iou:.3f}_{_safe(tid)}.png"
+        try:
+            save_image_atomic(Image.fromarray(img), path)
+            done.append(path)
+        except OSError as e:
+            failed.append((path, e))
+    return done, failed
 
 
 def _safe(text: str) -> str:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..contexts import ExemplarSampler
 from ..data.conversation import ConversationEncoder
-from ..data.records import SegSample
+from ..data.records import SegSample, warning_kind
 from ..data.transform import SampleTransform, collate
 from ..metrics import IoUAccumulator, area_fraction, intersection_union, size_bucket, target_iou
 from ..model.cores import CoresModel, postprocess_masks
@@ -44,7 +44,8 @@ class EvalResult:
     """giou, ciou, ciou_s/m/l, miou (None when no target has a class), n (targets), samples."""
     records: list[dict]
     """One per target: id, sample_id, query, class_name, intersection, union, iou, size,
-    area_fraction, fallback (generate mode)."""
+    area_fraction, fallback (generate mode), warnings (the kinds of the sample's reader
+    warnings, only when it has some)."""
     worst: list[tuple[float, str, np.ndarray]] = field(default_factory=list)
     """Up to ``keep_worst`` (iou, target id, predicted mask) with the lowest IoU, this rank's."""
     seconds: float = 0.0
@@ -173,6 +174,10 @@ class _Runner:
         }
         if fallback is not None:
             record["fallback"] = fallback
+        kinds = sorted({warning_kind(w) for w in sample.meta.get("warnings", ())})
+        if kinds:
+            # so a reader of the per-target file can leave out targets read from a doubtful annotation
+            record["warnings"] = kinds
         self.order += 1
         self.records.append(record)
         if self.keep_worst:
