@@ -83,6 +83,8 @@ def run_one(out: Path, name: str, seed: int, args: argparse.Namespace, threads: 
     cmd = cores("train", "--gpus", "0", "--config", "tiny-synthetic", *[x for o in overrides for x in ("--set", o)])
     if (run_dir / "checkpoints" / "latest").is_file():
         cmd.append("--resume")
+    elif run_dir.exists():  # killed before its only checkpoint: start this run again
+        cmd.append("--overwrite")
     t0 = time.perf_counter()
     _check(subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(threads)), f"training {name} seed {seed}")
     train_s = time.perf_counter() - t0

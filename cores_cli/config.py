@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .configio import apply_overrides, dump_text, from_dict, read_mapping, to_dict
+from .configio import FieldError, apply_overrides, dump_text, from_dict, read_mapping, to_dict
 from .errors import ConfigError
 
 CHAIN_TOKENS: tuple[str, ...] = ("[LOC]", "[POS]", "[SEG]")
@@ -25,6 +25,37 @@ CHAIN_TOKENS: tuple[str, ...] = ("[LOC]", "[POS]", "[SEG]")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+MAX_IN_CONTEXT_K = 16
+"""Upper bound of ``prompt.in_context_k``. An exemplar is 35-100 tokens (60 on average for the
+shipped library), so 16 of them already need ~1000 tokens, twice the default
+``prompt.max_text_tokens`` (512); the paper uses 1. Exemplars past the budget are dropped
+anyway, so a larger k could only mislead about what the model was shown."""
+
+
+# ----------------------------------------------------------------------------------- checks
+# Each config dataclass checks its own fields in ``__post_init__`` and raises FieldError with
+# the field's name; ``configio.from_dict`` prefixes the key path. A zero or negative size would
+# otherwise surface deep inside torch as a traceback (or, worse, build a silently wrong model).
+
+
+def _at_least(obj: object, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            raise FieldError(name, f"must be at least {minimum}, got {value}")
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise FieldError(name, f"must be positive, got {value}")
+
+
+def _divides(obj: object, total: str, parts: str) -> None:
+    if getattr(obj, total) % getattr(obj, parts):
+        raise FieldError(parts, f"must divide {total} ({getattr(obj, total)}), got {getattr(obj, parts)}")
 
 
 @dataclass
@@ -46,6 +77,19 @@ class SamConfig:
     iou_head_hidden_dim: int = 256
     checkpoint: str | None = None
     """Official ``sam_vit_*.pth`` (loaded with ``weights_only=True``); None = random init."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "image_size", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads", "window_size")
+        _at_least(self, 1, "prompt_embed_dim", "decoder_depth", "decoder_mlp_dim", "decoder_num_heads", "iou_head_hidden_dim")
+        if self.image_size < self.patch_size:
+            raise FieldError("image_size", f"must be at least patch_size ({self.patch_size}), got {self.image_size}")
+        _divides(self, "encoder_embed_dim", "encoder_num_heads")
+        # SAM's two-way transformer attends at prompt_embed_dim and, across, at half of it
+        if self.prompt_embed_dim % (2 * self.decoder_num_heads):
+            raise FieldError("decoder_num_heads", f"must divide half of prompt_embed_dim ({self.prompt_embed_dim // 2}), got {self.decoder_num_heads}")
+        bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
+        if bad:
+            raise FieldError("encoder_global_attn_indexes", f"must be block indexes below encoder_depth ({self.encoder_depth}), got {bad[0]}")
 
     @property
     def embedding_size(self) -> int:
@@ -70,6 +114,13 @@ class TextArch:
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings")
+        _at_least(self, 0, "vocab_size")
+        _positive(self, "rms_norm_eps")
+        _divides(self, "hidden_size", "num_heads")
+        _divides(self, "num_heads", "num_kv_heads")
+
 
 @dataclass
 class VisionArch:
@@ -83,6 +134,12 @@ class VisionArch:
     patch_size: int = 14
     projection_dim: int = 768
     hidden_act: str = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size", "projection_dim")
+        if self.image_size < self.patch_size:
+            raise FieldError("image_size", f"must be at least patch_size ({self.patch_size}), got {self.image_size}")
+        _divides(self, "hidden_size", "num_heads")
 
 
 @dataclass
@@ -105,6 +162,19 @@ class MllmConfig:
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
 
+    def __post_init__(self) -> None:
+        if self.image_token_index is not None and self.image_token_index < 0:
+            raise FieldError("image_token_index", f"must be 0 or more (or null), got {self.image_token_index}")
+        # CLIP returns num_layers + 1 hidden states (the embeddings first)
+        layers = self.vision.num_layers
+        if not -(layers + 1) <= self.vision_feature_layer <= layers:
+            raise FieldError("vision_feature_layer", f"must index one of the vision tower's {layers + 1} hidden states ({-(layers + 1)} to {layers}), got {self.vision_feature_layer}")
+        for name in ("image_mean", "image_std"):
+            if len(getattr(self, name)) != 3:
+                raise FieldError(name, f"must be 3 numbers (R, G, B), got {len(getattr(self, name))}")
+        if not all(v > 0 for v in self.image_std):
+            raise FieldError("image_std", f"must be positive, got {list(self.image_std)}")
+
     @property
     def num_image_tokens(self) -> int:
         n = (self.vision.image_size // self.vision.patch_size) ** 2
@@ -119,6 +189,13 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     """Module names inside the language model only (the vision tower is never adapted)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "r", "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FieldError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.enabled and not self.target_modules:
+            raise FieldError("target_modules", "must name at least one module when LoRA is enabled")
 
 
 @dataclass
@@ -140,7 +217,10 @@ class ChainConfig:
 
     def __post_init__(self) -> None:
         if self.depth not in (1, 2, 3):
-            raise ValueError(f"chain.depth must be 1, 2 or 3, got {self.depth}")
+            raise FieldError("depth", f"must be 1, 2 or 3, got {self.depth}")
+        _at_least(self, 1, "refiner_heads")
+        if self.refiner_init_scale < 0:
+            raise FieldError("refiner_init_scale", f"must be 0 or more, got {self.refiner_init_scale}")
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -176,6 +256,12 @@ class PromptConfig:
     answer_template: int = 0
     """Which answer phrasing eval and predict use (training samples all of them)."""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.in_context_k <= MAX_IN_CONTEXT_K:
+            raise FieldError("in_context_k", f"must be between 0 and {MAX_IN_CONTEXT_K} exemplars, got {self.in_context_k}")
+        _at_least(self, 1, "max_text_tokens")
+        _at_least(self, 0, "answer_template")
+
 
 @dataclass
 class LossConfig:
@@ -187,6 +273,11 @@ class LossConfig:
     intermediate: float = 0.0
     """Weight of BCE+Dice on the intermediate levels against the final target (0 = off, as
     in the paper; Table S1 shows supervising C1 hurts)."""
+
+    def __post_init__(self) -> None:
+        for name in ("ce", "bce", "dice", "intermediate"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"must be 0 or more (a negative weight rewards the error), got {getattr(self, name)}")
 
 
 @dataclass
@@ -205,7 +296,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         bad = sorted(set(self.train_extra) - set(EXTRA_TRAINABLE))
         if bad:
-            raise ValueError(f"train_extra: unknown part {bad[0]!r}; choose from {', '.join(EXTRA_TRAINABLE)}")
+            raise FieldError("train_extra", f"holds an unknown part {bad[0]!r}; choose from {', '.join(EXTRA_TRAINABLE)}")
+        # the token refiner attends over SAM prompt embeddings
+        if self.sam.prompt_embed_dim % self.chain.refiner_heads:
+            raise FieldError("chain.refiner_heads", f"must divide sam.prompt_embed_dim ({self.sam.prompt_embed_dim}), got {self.chain.refiner_heads}")
 
 
 EXTRA_TRAINABLE = ("sam_image_encoder", "sam_prompt_encoder", "vision_tower", "mm_projector", "llm")

@@ -20,6 +20,22 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+
+class FieldError(ValueError):
+    """A dataclass's own check of one of its fields failed (raised from ``__post_init__``).
+
+    ``key`` is relative to that dataclass; :func:`from_dict` prefixes the path it was reached
+    by, so the message names the full key (``model.sam.image_size must be ...``) whether the
+    value came from a file, a recipe or a ``--set`` override.
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key} {reason}")
+        self.key = key
+        self.reason = reason
+
+
 _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
@@ -57,6 +73,8 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
+    except FieldError as exc:
+        raise ConfigError(f"{_join(where, exc.key)} {exc.reason}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where or 'config'}: {exc}") from None
 

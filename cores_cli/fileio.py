@@ -69,9 +69,9 @@ def save_image_atomic(image, path: str | Path, format: str | None = None, **para
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name, then swap it into place.
 
-    If ``path`` exists it is renamed aside first and removed only after the new directory
-    is in place, so at every instant one complete directory exists under ``path`` or its
-    ``.old`` sibling.
+    If ``path`` exists it is renamed aside first (to a new hidden ``.NAME.XXXX.old`` made by this
+    call, never a name a user may already use) and removed only after the new directory is in
+    place, so at every instant one complete directory exists under ``path`` or that sibling.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -80,13 +80,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-        old = dest.with_name(dest.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
+        old = None
         if dest.exists():
+            # rename(2) may replace an empty directory: the aside name is unique and ours
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
             os.replace(dest, old)
         os.replace(tmp, dest)
-        if old.exists():
+        if old is not None:
             shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

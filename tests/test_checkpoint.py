@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny, scene_sample, tiny_config
+from conftest import build_tiny, scene_sample
 from safetensors.torch import load_file, save_file
 
 from cores_cli.config import replace, tiny
@@ -147,16 +147,24 @@ def test_missing_and_unexpected_tensors_are_reported(tiny_checkpoint, tmp_path):
     assert report.missing == [dropped] and report.unexpected == ["projector.extra.weight"]
 
 
-def test_a_checkpoint_of_another_size_is_refused(tiny_checkpoint):
-    cfg = tiny_config("sam.prompt_embed_dim=32")
+def _edit_config(ck: Path, section: str, key: str, value) -> None:
+    meta = json.loads((ck / "config.json").read_text())
+    meta["model"][section][key] = value
+    (ck / "config.json").write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_of_another_size_is_refused(tiny_checkpoint, tmp_path):
+    ck = _copy(tiny_checkpoint, tmp_path)
+    _edit_config(ck, "sam", "prompt_embed_dim", 32)  # config.json no longer matches the weights
     with pytest.raises(CheckpointError, match="has shape"):
-        load_checkpoint(tiny_checkpoint, overrides=cfg)
+        load_checkpoint(ck)
 
 
-def test_lora_rank_mismatch_is_refused(tiny_checkpoint):
-    cfg = tiny_config("lora.r=4")
+def test_lora_rank_mismatch_is_refused(tiny_checkpoint, tmp_path):
+    ck = _copy(tiny_checkpoint, tmp_path)
+    _edit_config(ck, "lora", "r", 4)
     with pytest.raises(CheckpointError, match="LoRA r=8"):
-        load_checkpoint(tiny_checkpoint, overrides=cfg)
+        load_checkpoint(ck)
 
 
 def test_overwriting_a_checkpoint_is_atomic(tmp_path):

@@ -27,6 +27,7 @@ def train(
     run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (checkpoints, metrics, recipe); same as --set train.run_dir=..."),
     data_root: Path = typer.Option(None, "--data-root", help="Folder holding the datasets in LISA's layout; same as --set data.root=..."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint (step, optimizer, schedule, RNG and data position)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again in a run directory that holds an earlier run: its metrics.jsonl, checkpoints/ and tensorboard/ are removed (nothing else)."),
     nodes: int = typer.Option(1, "--nodes", min=1, help="Number of nodes (with --hostfile for the deepspeed launcher)."),
     hostfile: Path = typer.Option(None, "--hostfile", help="MPI-style hostfile ('HOST slots=N' per line) for multi-node runs."),
     launcher: LauncherChoice = typer.Option(LauncherChoice.deepspeed, "--launcher", help="deepspeed (default) or torchrun."),
@@ -46,13 +47,15 @@ def train(
       cores train --gpus 0 --resume --run-dir runs/tiny-synthetic
 
     Checkpoints go to RUN/checkpoints/step-NNNNNN (and best/ by validation gIoU), metrics to
-    RUN/metrics.jsonl. Exit status 0 when training finished, 1 on an error, 2 for a usage mistake.
+    RUN/metrics.jsonl. A run directory that holds an earlier run's results is refused unless
+    --resume continues it or --overwrite starts again. Exit status 0 when training finished, 1 on
+    an error, 2 for a usage mistake.
     """
     from ..configio import dump_text
     from ..engine.deepspeed_setup import free_port
     from ..engine.launch import LaunchSpec, launch_command
     from ..engine.train_config import load_recipe, recipe_text
-    from ..engine.trainer import check_recipe, run_dir_has_checkpoints
+    from ..engine.trainer import check_recipe, check_run_dir, clear_earlier_run
     from ..errors import CoresError
     from ..fileio import atomic_write_text
 
@@ -63,6 +66,8 @@ def train(
         overrides.append(f"data.root={data_root}")
     if gpus == 0:
         overrides.append("train.device=cpu")
+    if resume and overwrite:
+        raise fail("--resume continues the run and --overwrite starts it again: pass one of them", code=2)
     source = config
     if source is None and resume:
         if run_dir is None:
@@ -74,19 +79,19 @@ def train(
     recipe = load_recipe(source or DEFAULT_RECIPE, overrides)
     check_recipe(recipe)
     rd = Path(recipe.train.run_dir)
+    # once, here, before any worker starts: a dry run is refused (or told what --overwrite
+    # would remove) exactly as the real run would be, and removes nothing
+    replaced = check_run_dir(rd, resume=resume, overwrite=overwrite)
     if dry_run and gpus == 0:
         stdout_line(recipe_text(recipe).rstrip())
+        _say_replaced(rd, replaced)
         stdout_line(f"# would train in this process on the CPU: {recipe.train.steps} steps → {rd}")
         return
 
     if gpus == 0:
-        _train_here(recipe, resume)
+        _train_here(recipe, resume, overwrite)
         return
 
-    if resume and not run_dir_has_checkpoints(rd):
-        raise CoresError(f"--resume: no complete checkpoint in {rd / 'checkpoints'} (nothing to resume)")
-    if not resume and run_dir_has_checkpoints(rd):
-        raise CoresError(f"{rd} already holds checkpoints: pass --resume to continue that run, or choose another run directory")
     if not dry_run and recipe.train.device != "cpu" and nodes == 1 and hostfile is None:
         import torch
 
@@ -101,8 +106,12 @@ def train(
     argv = launch_command(spec)
     if dry_run:
         stdout_line(dump_text(recipe, "yaml").rstrip())
+        _say_replaced(rd, replaced)
         stdout_line("# launch: " + " ".join(argv))
         return
+    if overwrite and replaced:
+        clear_earlier_run(rd)  # the workers then find a directory with no earlier results
+        err_console.print(f"--overwrite: removed the earlier run's {', '.join(p.name for p in replaced)} in {rd}", markup=False, soft_wrap=True)
     atomic_write_text(recipe_file, recipe_text(recipe))
     err_console.print(f"launching {gpus} process(es) per node on {nodes} node(s): {' '.join(argv)}", markup=False, soft_wrap=True)
     code = subprocess.call(argv)
@@ -110,7 +119,12 @@ def train(
         raise typer.Exit(code if 0 < code < 256 else 1)
 
 
-def _train_here(recipe, resume: bool) -> None:
+def _say_replaced(run_dir: Path, replaced: list[Path]) -> None:
+    if replaced:
+        stdout_line(f"# --overwrite would first remove from {run_dir}: {', '.join(p.name for p in replaced)}")
+
+
+def _train_here(recipe, resume: bool, overwrite: bool) -> None:
     from ..engine.deepspeed_setup import select_accelerator
     from ..engine.trainer import run_training
     from .train_view import TrainView
@@ -118,7 +132,7 @@ def _train_here(recipe, resume: bool) -> None:
     select_accelerator("cpu")
     view = TrainView(err_console, recipe.train.log_every)
     try:
-        result = run_training(recipe, resume=resume, reporter=view)
+        result = run_training(recipe, resume=resume, overwrite=overwrite, reporter=view)
     finally:
         view.close()
         import torch.distributed as dist

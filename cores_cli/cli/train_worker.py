@@ -4,6 +4,10 @@
 the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Rank 0 shows the
 progress; a user mistake prints one ``error:`` line per rank (prefixed with the rank on ranks
 other than 0) and exits 1.
+
+There is no ``--overwrite`` here: ``cores train`` checked the run directory once before
+launching (and with ``--overwrite`` removed the earlier run's results), so the check every
+worker repeats in ``run_training`` passes; no worker ever deletes anything.
 """
 
 from __future__ import annotations

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
 from .. import __version__
 from ..config import ModelConfig, replace
@@ -33,11 +32,19 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_directory
 from ..model.builder import build_model
 from ..model.cores import TRAINABLE_GROUPS, CoresModel, _group_of
-from ..model.mllm import lora_target_regex
+from ..model.mllm import lora_target_regex, read_tokenizer_dir
 
 FORMAT = "cores-checkpoint"
 FORMAT_VERSION = 1
 _PEFT_PREFIX = "mllm.base_model.model."
+
+CHANGEABLE_ON_LOAD = ("prompt", "loss", "mllm.path", "mllm.tokenizer", "sam.checkpoint", "lora.dropout", "chain.refiner_init_scale")
+"""Config keys (or whole sections) an override may change when a trained checkpoint is loaded:
+where its base weights lie, how the prompt is built, and settings that only matter while
+training (loss weights, dropout, the refiner's init). Every other key decides a tensor's shape
+or what the trained weights mean (``chain.depth``, ``chain.reasoning``, ``sam.*``, ``lora.r``,
+``mllm.image_mode``, ...): a checkpoint trained at depth 2 run at depth 3 loads without a
+shape error and predicts nonsense, so such an override is refused."""
 
 
 @dataclass
@@ -131,6 +138,44 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{cfg_file}: {exc}") from None
 
 
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config trees."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _changeable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in CHANGEABLE_ON_LOAD)
+
+
+def check_overrides(stored: ModelConfig, wanted: ModelConfig, where: str | Path) -> None:
+    """Refuse a config for a checkpoint that differs from the one it was trained with in a key
+    outside :data:`CHANGEABLE_ON_LOAD`, naming the key."""
+    old, new = to_dict(stored), to_dict(wanted)
+    refused = [k for k in _changed_keys(old, new) if not _changeable(k)]
+    if refused:
+        key = refused[0]
+        before, after = _lookup(old, key), _lookup(new, key)
+        more = f" (and {len(refused) - 1} more: {', '.join(refused[1:4])})" if len(refused) > 1 else ""
+        raise CheckpointError(
+            f"{key}={after!r} does not fit checkpoint {where}, trained with {key}={before!r}{more}: it would change "
+            f"the architecture or what the trained weights mean; on a checkpoint only {', '.join(k + ('.*' if '.' not in k else '') for k in CHANGEABLE_ON_LOAD)} can be changed"
+        )
+
+
+def _lookup(tree: dict, key: str):
+    node = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
@@ -156,18 +201,19 @@ def resolve_base_paths(cfg: ModelConfig, checkpoint_dir: Path) -> ModelConfig:
 def load_checkpoint(path: str | Path, overrides: ModelConfig | None = None, allow_missing: bool = False) -> tuple[CoresModel, CheckpointReport]:
     """Build the model a checkpoint describes and load its weights (fp32, current device).
 
-    ``overrides`` replaces the stored config (e.g. with ``--set`` changes of base paths).
-    Relative base paths in the config are read relative to the checkpoint directory.
+    ``overrides`` replaces the stored config (e.g. with ``--set`` changes of base paths); it may
+    differ from the stored one only in :data:`CHANGEABLE_ON_LOAD`. Relative base paths in the
+    config are read relative to the checkpoint directory.
     """
     p = Path(path)
-    cfg = resolve_base_paths(overrides or read_checkpoint_config(p), p)
+    stored = read_checkpoint_config(p)
+    if overrides is not None:
+        check_overrides(stored, overrides, p)
+    cfg = resolve_base_paths(overrides or stored, p)
     tok_dir = p / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"checkpoint {p} has no tokenizer/tokenizer.json")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True, use_fast=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load the tokenizer in {tok_dir}: {str(exc).splitlines()[0]}") from None
+    tokenizer = read_tokenizer_dir(tok_dir)
     weights = _read_safetensors(p / "weights.safetensors")
     model = build_model(cfg, load_base_weights=True, tokenizer=tokenizer)
 
@@ -196,10 +242,11 @@ def _load_adapter(model: CoresModel, adapter: Path, report: CheckpointReport) ->
     cfg_file = adapter / "adapter_config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"checkpoint has LoRA enabled but no {cfg_file}")
-    saved = LoraConfig.from_pretrained(str(adapter))
+    saved = _read_adapter_config(cfg_file)
     want = model.cfg.lora
-    if (saved.r, saved.lora_alpha) != (want.r, want.alpha) or saved.target_modules != lora_target_regex(want):
-        raise CheckpointError(f"{cfg_file}: LoRA r={saved.r}, alpha={saved.lora_alpha} does not match the config's r={want.r}, alpha={want.alpha}")
+    r, alpha, targets = saved.get("r"), saved.get("lora_alpha"), saved.get("target_modules")
+    if (r, alpha) != (want.r, want.alpha) or targets != lora_target_regex(want):
+        raise CheckpointError(f"{cfg_file}: LoRA r={r}, alpha={alpha} does not match the config's r={want.r}, alpha={want.alpha}")
     lora = _read_safetensors(adapter / "adapter_model.safetensors")
     expected = set(get_peft_model_state_dict(model.mllm, save_embedding_layers=False))
     try:
@@ -209,3 +256,16 @@ def _load_adapter(model: CoresModel, adapter: Path, report: CheckpointReport) ->
     report.tensors += len(lora)
     report.missing += sorted("adapter/" + k for k in expected - set(lora))
     report.unexpected += sorted("adapter/" + k for k in result.unexpected_keys)
+
+
+def _read_adapter_config(cfg_file: Path) -> dict:
+    """peft's ``adapter_config.json`` as plain data. Read here rather than with
+    ``LoraConfig.from_pretrained``, which takes a JSON list, a string or an empty object without
+    a word (or with a TypeError deep inside), so a broken file gets one line that names it."""
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("peft_type") != "LORA":
+        raise CheckpointError(f'{cfg_file} is not a peft LoRA config (a JSON object with "peft_type": "LORA")')
+    return data

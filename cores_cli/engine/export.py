@@ -16,11 +16,16 @@ Layout of an export (itself a cores checkpoint, so ``cores predict -c OUT`` and
 
 The relative ``mllm.path`` is read against the export's own directory, so it can be moved or
 copied whole and still loads with ``load_checkpoint`` / ``cores predict -c``.
+
+``OUT`` may not overlap the checkpoint or the training run that holds it (replacing it would
+delete them), and ``--overwrite`` replaces only an earlier export: a directory whose
+``config.json`` is a cores checkpoint's and that holds nothing an export does not write.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -29,16 +34,61 @@ from peft import PeftModel
 from ..errors import CoresError
 from ..fileio import atomic_directory
 from ..runtime import DTYPES
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from .train_state import run_dir_of
+
+EXPORT_ENTRIES = frozenset({"config.json", "tokenizer", "weights.safetensors", "llava", "adapter"})
+"""What an export (or a plain cores checkpoint) holds: the only names ``--overwrite`` deletes."""
+
+
+def check_export_target(checkpoint: str | Path, out: str | Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that would destroy something: one overlapping the checkpoint or its run,
+    or (with ``overwrite``) anything but an earlier export. Checked before the model is loaded."""
+    src, dest = Path(checkpoint), Path(out)
+    protected = [("the checkpoint", src.resolve())]
+    run = run_dir_of(src)
+    if run is not None:
+        protected.append(("the training run", run))
+    target = dest.resolve()
+    overlaps = [("is", what, path) for what, path in protected if target == path]
+    overlaps += [("lies inside", what, path) for what, path in protected if path in target.parents]
+    overlaps += [("contains", what, path) for what, path in protected if target in path.parents]
+    if overlaps:
+        relation, what, path = overlaps[0]
+        raise CoresError(f"{dest} {relation} {what} {path}: --overwrite there would delete it; export to a directory outside it")
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise CoresError(f"{dest} already exists (remove it or pass --overwrite)")
+        _check_replaceable(dest, "--overwrite replaces only an earlier export")
+
+
+def _check_replaceable(path: Path, why: str) -> None:
+    """``path`` is an export (or plain checkpoint) we wrote and may be deleted, or CoresError."""
+    if path.is_symlink():
+        raise CoresError(f"{path} is a symbolic link; {why}: remove it yourself or choose another OUT")
+    if not path.is_dir():
+        raise CoresError(f"{path} is a file, not an earlier export; {why}: choose another OUT")
+    if not _is_checkpoint_config(path / "config.json"):
+        raise CoresError(f"{path} is not a cores export (no cores config.json in it); {why}: choose another OUT")
+    if (path / "train_state").exists() or run_dir_of(path) is not None:
+        raise CoresError(f"{path} is a checkpoint of a training run; {why}: choose another OUT")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_ENTRIES)
+    if foreign:
+        raise CoresError(f"{path} holds {foreign[0]!r}, which an export does not write; {why}: move it away or choose another OUT")
+
+
+def _is_checkpoint_config(path: Path) -> bool:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
     """Write the export of ``checkpoint`` to ``out`` (atomically) and return ``out``."""
     src, dest = Path(checkpoint), Path(out)
-    if dest.exists() and not overwrite:
-        raise CoresError(f"{dest} already exists (remove it or pass --overwrite)")
-    if dest.resolve() == src.resolve():
-        raise CoresError("the export must go to another directory than the checkpoint")
+    check_export_target(src, dest, overwrite)
     try:
         torch_dtype = DTYPES[dtype]
     except KeyError:

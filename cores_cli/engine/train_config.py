@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ModelConfig, preset
-from ..configio import apply_overrides, dump_text, from_dict, read_mapping, to_dict
+from ..configio import FieldError, apply_overrides, dump_text, from_dict, read_mapping, to_dict
 from ..errors import ConfigError
 
 
@@ -37,6 +37,10 @@ class MixtureSource:
     whatever its size) or ``size`` (proportional to its number of samples)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Reader options for every dataset of this source (e.g. ``rounds_per_sample``, ``n``)."""
+
+    def __post_init__(self) -> None:
+        if self.rate < 0:
+            raise FieldError("rate", f"must be 0 (off) or more, got {self.rate}")
 
 
 def _paper_mixture() -> dict[str, MixtureSource]:
@@ -57,6 +61,10 @@ class ValidationConfig:
     batch_size: int = 4
     mode: Literal["teacher", "generate"] = "teacher"
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise FieldError("batch_size", f"must be at least 1, got {self.batch_size}")
+
 
 @dataclass
 class DataConfig:
@@ -66,6 +74,10 @@ class DataConfig:
     val: ValidationConfig = field(default_factory=ValidationConfig)
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the training process)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise FieldError("num_workers", f"must be 0 or more, got {self.num_workers}")
 
 
 @dataclass
@@ -113,21 +125,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.steps >= 1, "steps must be at least 1"),
-            (self.micro_batch_size >= 1, "micro_batch_size must be at least 1"),
-            (self.grad_accumulation >= 1, "grad_accumulation must be at least 1"),
-            (self.lr > 0, "lr must be positive"),
-            (self.warmup_steps >= 0, "warmup_steps must be 0 or more"),
-            (self.zero_stage in (0, 1, 2), "zero_stage must be 0, 1 or 2 (stage 3 partitions the weights, which checkpoints and validation here do not support)"),
-            (self.save_every >= 1, "save_every must be at least 1"),
-            (self.eval_every >= 0, "eval_every must be 0 or more"),
-            (self.log_every >= 1, "log_every must be at least 1"),
-            (len(self.betas) == 2, "betas must be two numbers"),
-            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
+            (self.steps >= 1, "steps", "must be at least 1"),
+            (self.micro_batch_size >= 1, "micro_batch_size", "must be at least 1"),
+            (self.grad_accumulation >= 1, "grad_accumulation", "must be at least 1"),
+            (self.lr > 0, "lr", "must be positive"),
+            (self.eps > 0, "eps", "must be positive"),
+            (self.weight_decay >= 0, "weight_decay", "must be 0 or more"),
+            (self.warmup_steps >= 0, "warmup_steps", "must be 0 or more"),
+            (self.grad_clip >= 0, "grad_clip", "must be 0 (off) or more"),
+            (self.zero_stage in (0, 1, 2), "zero_stage", "must be 0, 1 or 2 (stage 3 partitions the weights, which checkpoints and validation here do not support)"),
+            (self.save_every >= 1, "save_every", "must be at least 1"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints", "must be 0 (keep all) or more"),
+            (self.eval_every >= 0, "eval_every", "must be 0 or more"),
+            (self.log_every >= 1, "log_every", "must be at least 1"),
+            (len(self.betas) == 2, "betas", "must be two numbers"),
+            (all(0.0 <= b < 1.0 for b in self.betas), "betas", "must each be in [0, 1)"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]"),
         ]
-        for ok, message in checks:
+        for ok, key, reason in checks:
             if not ok:
-                raise ValueError(message)
+                raise FieldError(key, reason)
 
 
 @dataclass

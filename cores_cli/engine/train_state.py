@@ -68,6 +68,22 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run directory that holds ``checkpoint`` (``RUN/checkpoints/NAME``, symlinks resolved),
+    or None for a checkpoint outside a training run.
+
+    A folder merely named ``checkpoints`` is not enough (``~/checkpoints/model`` must not make
+    ``~`` a run): one of the layout's own files must be there too.
+    """
+    ckpt = Path(checkpoint).resolve()
+    root = ckpt.parent
+    if root.name != "checkpoints":
+        return None
+    run = root.parent
+    marks = (ckpt / "train_state", root / "latest", root / "best.json", run / "recipe.yaml", run / "metrics.jsonl")
+    return run if any(m.exists() for m in marks) else None
+
+
 # ------------------------------------------------------------------------------ RNG states
 
 

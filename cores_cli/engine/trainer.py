@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -107,20 +109,26 @@ class NullReporter:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (appended, one JSON object per line) and optional TensorBoard."""
+    """``metrics.jsonl`` (appended, one JSON object per line) and optional TensorBoard.
+
+    On resume the log is cut back to the checkpoint's step first (one atomic rewrite): the
+    killed run's later train and validation lines are redone by the resumed run, and a line
+    torn by the kill is dropped.
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None) -> None:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
-            # drop lines a killed run wrote after its last checkpoint: the resumed run redoes them
-            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if _line_step(ln) <= resume_step]
+            kept = [ln for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if _kept_on_resume(ln, resume_step)]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step hides the killed run's events past the checkpoint, as above
+                purge = resume_step + 1 if resume_step is not None else None
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 self.writer = None
 
@@ -138,11 +146,13 @@ class MetricsLog:
             self.writer.close()
 
 
-def _line_step(line: str) -> int:
+def _kept_on_resume(line: str, resume_step: int) -> bool:
+    """A complete record of a step up to the checkpoint's (train or validation)."""
     try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return 0
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(step, int) and not isinstance(step, bool) and step <= resume_step
 
 
 # ------------------------------------------------------------------------------ checks
@@ -167,11 +177,95 @@ def run_dir_has_checkpoints(run_dir: Path) -> bool:
     return bool(complete_step_dirs(run_dir / "checkpoints"))
 
 
+# ------------------------------------------------------------------------------ the run directory
+# A fresh run must not mix with an earlier one's files (a run killed before its first checkpoint
+# and started again used to append to the old metrics.jsonl). What a run writes into RUN (see
+# train_state's layout): recipe.yaml, rewritten at every start; metrics.jsonl; checkpoints/;
+# tensorboard/; and temporaries of atomic writes (.NAME.*.tmp). --overwrite removes those, and
+# inside checkpoints/ and tensorboard/ only names a run writes; any other file stops it, and
+# files of the user's own beside them in RUN are never touched.
+
+RESULT_FILES = ("metrics.jsonl",)
+RESULT_DIRS = ("checkpoints", "tensorboard")
+_ATOMIC_TMP = re.compile(r"^\.(recipe\.yaml|metrics\.jsonl)\..*\.tmp$")
+_CHECKPOINTS_ENTRY = re.compile(
+    r"^(step-\d+|latest|best|best\.json|best\.old|step-\d+\.old|\.(step-\d+|latest|best|best\.json)\..*\.(tmp|old))$"
+)
+_TENSORBOARD_ENTRY = re.compile(r"^events\.out\.tfevents\..+$")
+
+
+def earlier_run_outputs(run_dir: Path) -> list[Path]:
+    """The results an earlier run left in ``run_dir`` (metrics, checkpoints, TensorBoard events);
+    empty for a new or empty directory. ``recipe.yaml`` alone is not one: it holds no results and
+    every start rewrites it (the launcher of ``--gpus N`` writes it before its workers check)."""
+    found = [run_dir / f for f in RESULT_FILES if (run_dir / f).is_file()]
+    found += [run_dir / d for d in RESULT_DIRS if (run_dir / d).is_dir() and any((run_dir / d).iterdir())]
+    return found
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> list[Path]:
+    """Whether a run may start in ``run_dir``: a CoresError naming the way out when not.
+
+    Returns what ``--overwrite`` will remove (:func:`clear_earlier_run`). Called once by the
+    process ``cores train`` runs in, before any worker starts, and again by every worker."""
+    from .train_state import find_resume_checkpoint
+
+    if resume and overwrite:
+        raise CoresError("--resume continues the run and --overwrite starts it again: pass one of them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CoresError(f"the run directory {run_dir} is a file: choose another --run-dir")
+    earlier = earlier_run_outputs(run_dir)
+    if resume:
+        if find_resume_checkpoint(run_dir / "checkpoints") is None:
+            hint = f"; it holds an earlier run's {_names(earlier)}: pass --overwrite instead to start again" if earlier else ""
+            raise CoresError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} (nothing to resume){hint}")
+        return []
+    if not earlier:
+        return []
+    if not overwrite:
+        if run_dir_has_checkpoints(run_dir):
+            raise CoresError(
+                f"{run_dir} already holds checkpoints: pass --resume to continue that run, --overwrite to start again "
+                f"(replacing its {_names(earlier)}), or choose another run directory"
+            )
+        raise CoresError(
+            f"{run_dir} already holds an earlier run's {_names(earlier)} (stopped before its first checkpoint): "
+            "pass --overwrite to start again (replacing them), or choose another run directory"
+        )
+    for folder, allowed in (("checkpoints", _CHECKPOINTS_ENTRY), ("tensorboard", _TENSORBOARD_ENTRY)):
+        strange = sorted(p.name for p in (run_dir / folder).iterdir() if not allowed.match(p.name)) if (run_dir / folder).is_dir() else []
+        if strange:
+            raise CoresError(f"--overwrite: {run_dir / folder / strange[0]} is not something a training run writes; move it away first (nothing was removed)")
+    return earlier + sorted(p for p in run_dir.iterdir() if _ATOMIC_TMP.match(p.name))
+
+
+def clear_earlier_run(run_dir: Path) -> list[Path]:
+    """Remove an earlier run's results for ``--overwrite`` (after :func:`check_run_dir` allowed it).
+    The checkpoints go first and metrics.jsonl last, so a kill part-way leaves a directory that
+    is still refused without --overwrite rather than one that looks new."""
+    removed = check_run_dir(run_dir, resume=False, overwrite=True)
+    for path in sorted(removed, key=lambda p: p.name == "metrics.jsonl"):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name + ("/" if p.is_dir() else "") for p in paths)
+
+
 # ------------------------------------------------------------------------------ the loop
 
 
-def run_training(recipe: Recipe, *, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
-    """Train as the recipe says. All ranks call this; only rank 0 writes files and reports."""
+def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None) -> TrainResult:
+    """Train as the recipe says. All ranks call this; only rank 0 writes files and reports.
+
+    A run directory holding an earlier run's results is refused unless ``resume`` (continue it)
+    or ``overwrite`` (remove them first, just before this run writes its own). ``overwrite`` is
+    for a caller running alone: ``cores train --gpus N`` clears the directory in the launching
+    process and its workers get no ``overwrite``."""
     from . import deepspeed_setup as ds
     from . import train_state as ts
 
@@ -180,13 +274,8 @@ def run_training(recipe: Recipe, *, resume: bool = False, reporter: Reporter | N
     check_recipe(recipe)
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
-    resume_from = None
-    if resume:
-        resume_from = ts.find_resume_checkpoint(ckpt_root)
-        if resume_from is None:
-            raise CoresError(f"--resume: no complete checkpoint in {ckpt_root} (nothing to resume)")
-    elif run_dir_has_checkpoints(run_dir):
-        raise CoresError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run directory")
+    replaced = _names(check_run_dir(run_dir, resume=resume, overwrite=overwrite))
+    resume_from = ts.find_resume_checkpoint(ckpt_root) if resume else None
 
     device = ds.resolve_train_device(cfg.device)
     dist = ds.init_distributed(device)
@@ -228,6 +317,10 @@ def run_training(recipe: Recipe, *, resume: bool = False, reporter: Reporter | N
 
     metrics = None
     if dist.is_main:
+        if overwrite and replaced:
+            # as late as possible: a recipe or dataset mistake found above costs no earlier run
+            clear_earlier_run(run_dir)
+            reporter.message(f"--overwrite: removed the earlier run's {replaced} in {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", recipe_text(recipe))
         ts.remove_partial_writes(ckpt_root)

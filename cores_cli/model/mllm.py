@@ -74,13 +74,24 @@ def load_tokenizer(cfg: MllmConfig) -> PreTrainedTokenizerBase:
         return build_tiny_tokenizer()
     if not Path(source).is_dir():
         raise CheckpointError(f"tokenizer directory not found: {source}")
-    try:
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=True, use_fast=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load a tokenizer from {source}: {str(exc).splitlines()[0]}") from None
+    tok = read_tokenizer_dir(source)
     if not tok.is_fast:
         raise CheckpointError(f"{source}: a fast tokenizer (tokenizer.json) is needed for exact answer masking")
     return tok
+
+
+def read_tokenizer_dir(source: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer directory, offline, or a CheckpointError naming it.
+
+    A tokenizer.json of the wrong structure does not fail with one exception type: the
+    tokenizers library raises its bare ``Exception`` for what it cannot deserialize, and
+    transformers a KeyError or TypeError for a JSON document of another shape.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True, use_fast=True)
+    except Exception as exc:  # noqa: BLE001 (see the docstring: no narrower type covers it)
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot load the tokenizer in {source} (is tokenizer.json a tokenizer?): {detail}") from None
 
 
 def add_chain_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
