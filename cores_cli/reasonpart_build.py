@@ -117,7 +117,7 @@ from .data.parts import (
 )
 from .data.reasonpart import MANIFEST
 from .data.reasonseg_writer import Holes, dumps_reasonseg, mask_to_shapes, reasonseg_document
-from .data.records import SegSample
+from .data.records import ReaderWarning, SegSample
 from .errors import CoresError
 from .fileio import OutputLocked, atomic_write_text, exclusive_lock
 
@@ -816,7 +816,7 @@ class ReasonPartBuild:
         warnings = list(sample.meta.get("warnings", []))
         if tuple(size) != tuple(sample.meta["image_size"]):
             ah, aw = sample.meta["image_size"]
-            warnings.append(f"the annotation says {aw}×{ah} but the image is {size[1]}×{size[0]}; masks resized")
+            warnings.append(ReaderWarning("size_mismatch", f"the annotation says {aw}×{ah} but the image is {size[1]}×{size[0]}; masks resized"))
         task = ImageTask(sample, key, self.stems[key], size, warnings)
         candidates = []
         for rnd in sample.rounds:

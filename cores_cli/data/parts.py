@@ -59,7 +59,7 @@ from typing import Any
 from ..errors import CoresError
 from .layout import DirIndex, chunk, first_existing, load_json, missing_images_error, require_dir
 from .masks import CocoMask, Polygon, Rle, parse_coco_segmentation
-from .records import QARound, SegSample
+from .records import QARound, ReaderWarning, SegSample
 
 log = logging.getLogger("cores.data")
 
@@ -354,7 +354,7 @@ def read_coco_parts(
                 warnings.extend(warn)
             cat = cats[cat_id]
             if not polys and not rles:
-                warnings.append(f"category {cat['name']!r}: no valid segmentation; round left out")
+                warnings.append(ReaderWarning("no_valid_segmentation", f"category {cat['name']!r}: no valid segmentation; round left out"))
                 continue
             rounds.append(QARound(phrase(source.name_of(cat), rng), CocoMask(tuple(polys), tuple(rles), h, w), "phrase", str(cat["name"])))
             obj, part = source.name_of(cat)
