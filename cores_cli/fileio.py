@@ -26,18 +26,39 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+TEMPORARY_PATTERN = r"\.{name}\.[a-z0-9_]{{8}}\.tmp"
+"""How the temporaries of a destination ``name`` are named (``.NAME.k3j_9x2a.tmp``): format with
+``name=re.escape(...)`` (or a pattern) to recognise the leftovers of a killed writer."""
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """A temporary file beside ``path``, open for binary writing, flushed and fsynced at the end
+    of the block; yields ``(file, temporary path)``. On an exception the temporary is removed.
+    The caller moves it into place (``os.replace``) when it chooses: several files can be
+    staged first and committed together."""
+    dest = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        os.chmod(tmp, _FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh, Path(tmp)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """Open a temporary file for binary writing; it replaces ``path`` only on success."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    with staged_file(dest) as (fh, tmp):
+        yield fh
     try:
-        os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -125,19 +146,38 @@ def exclusive_lock(output: str | Path, lock_file: str | Path | None = None) -> I
     by hand). The file records the holder's pid for the message; it is left in place afterwards
     because removing it would race with a third process opening it.
     """
-    import fcntl
-
     lock = Path(lock_file) if lock_file is not None else lock_path_for(output)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, _FILE_MODE)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_flock(fd):
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-            raise OutputLocked(Path(output), f"process {holder}" if holder.isdigit() else "another process") from None
+            raise OutputLocked(Path(output), f"process {holder}" if holder.isdigit() else "another process")
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield lock
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def exclusive_directory_lock(folder: str | Path) -> Iterator[None]:
+    """Like :func:`exclusive_lock`, but an ``flock`` on the folder itself: it leaves no file in a
+    folder that belongs to the user (the price: the holder's pid cannot be told)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        if not _try_flock(fd):
+            raise OutputLocked(Path(folder), "another process")
+        yield
+    finally:
+        os.close(fd)
+
+
+def _try_flock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

@@ -1,9 +1,9 @@
 """Reading images the way people see them: EXIF orientation applied, any mode made RGB.
 
 Masks line up with the upright image (what a viewer shows, and what ``cv2.imread`` gives LISA).
-Grayscale, palette, RGBA, 16-bit and CMYK images are converted to 8-bit RGB; the conversion
-is reported so a caller can tell the user. Size is checked from the header, before decoding,
-so a huge image fails fast with a clear message instead of exhausting memory.
+Grayscale, palette, RGBA, 16-bit (grey or colour) and CMYK images are converted to 8-bit RGB;
+every conversion is reported so a caller can tell the user. Size is checked from the header,
+before decoding, so a huge image fails fast with a clear message instead of exhausting memory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _pil_limit_lock = threading.Lock()
 @dataclass
 class LoadedImage:
     """``pixels``: uint8 (H, W, 3), upright. ``converted_from``: the source mode when it was
-    not 8-bit RGB (e.g. ``"I;16"``, ``"RGBA"``), else None."""
+    not 8-bit RGB (e.g. ``"I;16"``, ``"RGBA"``, ``"RGB;16"`` for 16 bits per channel), else None."""
 
     path: str
     pixels: np.ndarray
@@ -64,12 +64,15 @@ def _read(p: Path, max_pixels: int) -> LoadedImage:
                     f"image {p} is {w}×{h} ({w * h / 1e6:.1f} MP), above the limit of "
                     f"{max_pixels / 1e6:.0f} MP (raise it with --max-pixels)"
                 )
+            sixteen_bit = _stored_with_16_bit_channels(img)  # read before load() drops the tile list
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 img.load()
                 upright = ImageOps.exif_transpose(img)
             rotated = upright.size != img.size or _orientation(img) not in (None, 1)
             pixels, converted = to_rgb8(upright)
+            if sixteen_bit and not (converted or "").startswith("I"):  # "I;16" says it already
+                converted = f"{converted or upright.mode};16"
     except InputImageError:
         raise
     except UnidentifiedImageError:
@@ -77,6 +80,21 @@ def _read(p: Path, max_pixels: int) -> LoadedImage:
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputImageError(f"cannot read image {p}: {str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated file'}") from None
     return LoadedImage(str(p), pixels, converted, rotated)
+
+
+def _stored_with_16_bit_channels(img: Image.Image) -> bool:
+    """Whether the file holds 16 bits per channel even though PIL shows 8-bit RGB(A).
+
+    PIL opens a 48-bit RGB PNG or TIFF as mode ``"RGB"``, keeping the high byte of each sample;
+    only the decoder's raw mode (``"RGB;16B"``, ``"RGBA;16N"``) tells, so the loss of depth
+    would otherwise go unreported.
+    """
+    for tile in getattr(img, "tile", None) or []:
+        args = tile.args if hasattr(tile, "args") else tile[3]
+        rawmode = args if isinstance(args, str) else next((a for a in args or () if isinstance(a, str)), "")
+        if ";16" in rawmode:
+            return True
+    return False
 
 
 def _orientation(img: Image.Image) -> int | None:

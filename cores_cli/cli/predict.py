@@ -1,9 +1,17 @@
-"""`cores predict`: segment what a question refers to, for one image or thousands."""
+"""`cores predict`: segment what a question refers to, for one image or thousands.
+
+The output folder is checked (and locked against a second run) before the model loads. Each
+item's record appears only after its mask and overlay are in place; SIGINT and SIGTERM discard
+the item in progress and exit 130 / 143; see :mod:`cores_cli.engine.batch_predict` for names and
+the write protocol.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -45,14 +53,14 @@ def predict(
     checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory (see `cores train`); default: the tiny model shipped with cores, trained on the synthetic benchmark."),
     preset: str = typer.Option(None, "--preset", help="Build a preset with RANDOM weights instead (tiny, llava-1.5-7b, llava-1.5-13b): for smoke runs only."),
     set_: list[str] = typer.Option([], "--set", help="Override a model setting, e.g. --set prompt.in_context_k=0 (repeatable)."),
-    out: Path = typer.Option(Path("cores_out"), "--out", "-o", help="Folder for NAME.mask.png, NAME.overlay.png and NAME.json."),
+    out: Path = typer.Option(Path("cores_out"), "--out", "-o", help="Folder for NAME.mask.png, NAME.overlay.png and NAME.json. NAME: the image's path under the folder or glob given, without suffix, folders joined by __ (a/photo.jpg -> a__photo); for stdin the id, else the stem. A name two items would share gets a short hash (photo-1a2b3c4d) on the later one."),
     json_out: bool = typer.Option(False, "--json", help="Print each record as one JSON line on stdout (failed items as {\"image\", \"error\"})."),
     mode: ModeChoice = typer.Option(ModeChoice.teacher, "--mode", help="teacher: the fixed answer template, one pass (LISA's protocol). generate: the model writes its answer; falls back to the template when it emits no chain."),
     style: StyleChoice = typer.Option(StyleChoice.auto, "--query-style", help="phrase: wrapped as 'What is X in this image?'; sentence: used as written; auto: by its form."),
     context_library: Path = typer.Option(None, "--context-library", help="In-context exemplar library (JSONL); default: the model's, else the shipped one."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this many pixels (checked before decoding)."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse images larger than this many pixels (checked before decoding)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the in-context exemplar draw (and a preset's random weights)."),
     example: bool = typer.Option(False, "--example", help="Run on the bundled example image and its query."),
 ) -> None:
@@ -64,12 +72,14 @@ def predict(
       cores predict photos/ "the food with the most vitamin C" -c runs/cores-7b --json > out.jsonl
       cat jobs.jsonl | cores predict - -c runs/cores-7b --json
 
+    An item's NAME.json is written last, once its mask and overlay are in place: a folder never
+    holds a record without its files.
+
     Exit status: 0 when every item succeeded, 1 when any failed (the others are still written),
-    2 for a usage mistake.
+    2 for a usage mistake, 130 / 143 when stopped by SIGINT / SIGTERM (the item in progress is
+    discarded; the finished ones stay).
     """
-    from ..engine.batch_predict import OutputNamer, jobs_from_argument, jobs_from_jsonl, run_job
-    from ..engine.loading import exemplar_sampler, load_for_inference
-    from ..engine.predictor import Predictor
+    from ..engine.batch_predict import Interrupted, StopSignals, jobs_from_argument, jobs_from_jsonl, prepare_output_dir
 
     if example:
         if image is not None:
@@ -87,6 +97,46 @@ def predict(
             raise CoresError("the query is empty")
         jobs = jobs_from_argument(image, query)
         total = len(jobs)
+    prepare_output_dir(out)  # a bad --out fails now, not after the model has loaded
+
+    batch = _Batch(out, mode.value, style.value, max_pixels, json_out)
+    try:
+        with _output_lock(out), StopSignals() as signals:
+            predictor, model_info = _load_predictor(checkpoint, preset, set_, device, dtype, context_library, seed)
+            batch.run(jobs, total, predictor, model_info, signals)
+    except Interrupted as exc:
+        n = len(batch.done)
+        written = f"{n} item{'s' if n != 1 else ''} written to {out}" if n else "nothing written"
+        raise fail(f"stopped by {exc.signal_name}: {written}; no item was left half written", code=exc.exit_code) from None
+
+    if not json_out:
+        for r in batch.done:
+            o = r["outputs"]
+            stdout_line(f"{r['image']}: mask {o['mask']}  overlay {o['overlay']}  record {o['json']}  (area {r['mask_fraction']:.1%})")
+    n = len(batch.done) + len(batch.failed)
+    if n == 0:
+        raise fail("no input items (stdin was empty)")
+    if batch.failed:
+        # one item: its own error line already says everything
+        raise fail(f"{len(batch.failed)} of {n} items failed; {len(batch.done)} written to {out}") if n > 1 else typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """One run per output folder; the leftovers of a killed one are removed under the lock."""
+    from ..engine.batch_predict import output_dir_lock, remove_stale_temporaries
+
+    with output_dir_lock(out):
+        stale = remove_stale_temporaries(out)
+        if stale:
+            warn(f"removed {len(stale)} unfinished file{'s' if len(stale) != 1 else ''} that an interrupted run left in {out}")
+        yield
+
+
+def _load_predictor(checkpoint, preset, set_, device, dtype, context_library, seed):
+    """The model once for the whole batch, and the record's ``model`` entry."""
+    from ..engine.loading import exemplar_sampler, load_for_inference
+    from ..engine.predictor import Predictor
 
     dev = resolve_device(device)
     loaded = load_for_inference(checkpoint, preset, list(set_), dev, resolve_dtype(dtype, dev), seed)
@@ -96,33 +146,45 @@ def predict(
         warn(f"checkpoint has tensors the model does not use: {loaded.report.summary()}")
     predictor = Predictor(loaded.model, exemplar_sampler(loaded.model, context_library, seed), seed=seed)
     model_info = {"source": loaded.source, "preset": loaded.model.cfg.preset, "chain_depth": loaded.model.cfg.chain.depth}
+    return predictor, model_info
 
-    namer = OutputNamer()
-    done, failed = [], []
-    show_bar = total is None or total > 1
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, disable=not show_bar, transient=False) as bar:
-        task = bar.add_task("predicting", total=total)
-        for job in jobs:
-            try:
-                record = run_job(predictor, job, out, namer(job), mode.value, style.value, max_pixels, model_info)
-            except CoresError as exc:
-                failed.append(job)
-                fail(str(exc))
-                if json_out:
-                    stdout_line(json.dumps({"image": job.image, "id": job.id, "error": str(exc)}))
-            else:
-                done.append(record)
-                if json_out:
-                    stdout_line(json.dumps(record, ensure_ascii=False))
-            bar.advance(task)
 
-    if not json_out:
-        for r in done:
-            o = r["outputs"]
-            stdout_line(f"{r['image']}: mask {o['mask']}  overlay {o['overlay']}  record {o['json']}  (area {r['mask_fraction']:.1%})")
-    n = len(done) + len(failed)
-    if n == 0:
-        raise fail("no input items (stdin was empty)")
-    if failed:
-        # one item: its own error line already says everything
-        raise fail(f"{len(failed)} of {n} items failed; {len(done)} written to {out}") if n > 1 else typer.Exit(1)
+@dataclass
+class _Batch:
+    """One run's items: each predicted, written and reported; a bad one does not stop the rest."""
+
+    out: Path
+    mode: str
+    style: str
+    max_pixels: int
+    json_out: bool
+    done: list[dict] = field(default_factory=list)
+    failed: list = field(default_factory=list)
+
+    def run(self, jobs, total: int | None, predictor, model_info: dict, signals) -> None:
+        from ..engine.batch_predict import OutputNamer, json_text, prepare_job
+
+        # a folder's or glob's files are all known up front: no output may land on one of them
+        namer = OutputNamer(self.out, [j.image for j in jobs] if total is not None else [])
+        show_bar = total is None or total > 1
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, disable=not show_bar, transient=False) as bar:
+            task = bar.add_task("predicting", total=total)
+            for job in jobs:  # a signal while waiting for the next stdin line stops here
+                try:
+                    staged = prepare_job(predictor, job, namer.paths_for(job), self.mode, self.style, self.max_pixels, model_info)
+                    try:
+                        # a signal waits while the files move into place and the item is reported
+                        with signals.deferred():
+                            self.done.append(staged.commit())
+                            if self.json_out:
+                                stdout_line(json_text(self.done[-1]))
+                    except BaseException:
+                        staged.discard()  # temporaries not yet moved; nothing once committed
+                        raise
+                except CoresError as exc:
+                    self.failed.append(job)
+                    fail(str(exc))
+                    if self.json_out:
+                        stdout_line(json_text({"image": job.image, "id": job.id, "error": str(exc)}))
+                bar.advance(task)
+                signals.check()

@@ -6,6 +6,10 @@ SAM sees the image resized so its longest side is ``sam.image_size`` (as SAM's
 targets are drawn at the image's own size, resized the same way (nearest), and padded with
 255, which the loss leaves out. Label-``ignore`` pixels (255 in a record's mask) count as
 background in training, as in LISA; evaluation compares at the original size instead.
+
+Any size from 1×1 and any aspect ratio is accepted: a resized side never rounds down to zero
+pixels, and a very long, thin image is never blown up to a huge square on the way to the CLIP
+tower's input (see :func:`clip_image`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,21 @@ from .conversation import ConversationEncoder, format_question, pick_answers
 from .records import IGNORE, SegSample
 
 
+# Beyond this aspect ratio the CLIP input is made by a route whose intermediate image stays
+# small (the same picture, up to resampling): the LLaVA/CLIP route would build a padded square of
+# side 20000 (1.2 GB) for a 20000×20 image, or resize a 1×5000 strip to 224×1120000. Up to this
+# ratio the result is exactly what it always was.
+_EXACT_ROUTE_MAX_ASPECT = 4
+
+
 def longest_side_shape(height: int, width: int, target: int) -> tuple[int, int]:
-    """(h, w) with the longest side ``target`` and rounding as SAM's ``ResizeLongestSide``."""
+    """(h, w) with the longest side ``target`` and rounding as SAM's ``ResizeLongestSide``.
+
+    The short side is at least 1 pixel: SAM's rounding gives 0 beyond an aspect ratio of
+    ``2 * target`` (above 256:1 on the tiny preset), which no resize can produce.
+    """
     scale = target / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def _resize(pixels: np.ndarray, size_hw: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
@@ -63,24 +78,54 @@ def clip_image(pixels: np.ndarray, size: int, mean: tuple[float, ...], std: tupl
 
     ``crop``: shortest side to ``size``, centre crop (CLIPImageProcessor, LISA). ``pad``: pad to a
     square with the mean colour, then resize (LLaVA-1.5's training), so no part of the image is
-    cut away.
+    cut away. Beyond an aspect ratio of 4:1 the image is shrunk before padding, or its centre
+    square cut before resizing, so that no intermediate is much larger than the image.
     """
-    h, w = pixels.shape[:2]
     if mode == "pad":
-        side = max(h, w)
-        canvas = np.empty((side, side, 3), dtype=np.uint8)
-        canvas[:] = np.array([int(round(m * 255)) for m in mean], dtype=np.uint8)
-        top, left = (side - h) // 2, (side - w) // 2
-        canvas[top : top + h, left : left + w] = pixels
-        square = _resize(canvas, (size, size), Image.BICUBIC)
+        fill = np.array([int(round(m * 255)) for m in mean], dtype=np.uint8)
+        square = _pad_to_square(pixels, size, fill)
     else:
-        scale = size / min(h, w)
-        nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
-        resized = _resize(pixels, (nh, nw), Image.BICUBIC)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        square = resized[top : top + size, left : left + size]
+        square = _centre_crop_square(pixels, size)
     x = torch.from_numpy(np.ascontiguousarray(square)).permute(2, 0, 1).float() / 255.0
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def _is_extreme(h: int, w: int) -> bool:
+    return max(h, w) > _EXACT_ROUTE_MAX_ASPECT * min(h, w)
+
+
+def _pad_to_square(pixels: np.ndarray, size: int, fill: np.ndarray) -> np.ndarray:
+    """The image centred on a ``fill``-coloured square, at ``size`` × ``size``."""
+    h, w = pixels.shape[:2]
+    if _is_extreme(h, w):
+        # Shrink first, then pad: the same picture without a full-size square in memory.
+        nh, nw = longest_side_shape(h, w, size)
+        content, side = _resize(pixels, (nh, nw), Image.BICUBIC), size
+    else:
+        # LLaVA's expand2square, then one resize of the whole square.
+        content, side = pixels, max(h, w)
+    canvas = np.empty((side, side, 3), dtype=np.uint8)
+    canvas[:] = fill
+    ch, cw = content.shape[:2]
+    top, left = (side - ch) // 2, (side - cw) // 2
+    canvas[top : top + ch, left : left + cw] = content
+    return _resize(canvas, (size, size), Image.BICUBIC)
+
+
+def _centre_crop_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The shortest side resized to ``size`` and the centre ``size`` × ``size`` cut out."""
+    h, w = pixels.shape[:2]
+    if _is_extreme(h, w):
+        # Cut the centre square first, then resize it: the same window without resizing the
+        # whole strip (a 1×5000 image would become 224×1120000).
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return _resize(pixels[top : top + side, left : left + side], (size, size), Image.BICUBIC)
+    scale = size / min(h, w)
+    nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    resized = _resize(pixels, (nh, nw), Image.BICUBIC)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return resized[top : top + size, left : left + size]
 
 
 def sample_pixels(sample: SegSample, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
