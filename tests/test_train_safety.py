@@ -414,3 +414,14 @@ def test_a_sigkilled_run_restarted_with_the_same_command_is_refused_and_overwrit
     res = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert train_steps(run) == [1, 2, 3, 4] and "--overwrite: removed the earlier run's metrics.jsonl" in res.stderr
+
+
+def test_two_runs_in_one_process_with_the_group_torn_down_between(tmp_path):
+    """A notebook trains, tears the process group down (as `cores train --gpus 0` does) and trains
+    again: DeepSpeed's cached clone of the first world group must not be reused."""
+    import torch.distributed as dist
+
+    first = run_training(recipe_for(tmp_path / "one"))
+    dist.destroy_process_group()
+    second = run_training(recipe_for(tmp_path / "two"))
+    assert first.steps == second.steps > 0 and second.last_checkpoint.is_dir()

@@ -57,9 +57,12 @@ def test_metrics_log_appends_jsonl_feeds_tensorboard_and_drops_lines_after_a_res
 
     scalars = []
 
+    purges = []
+
     class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter
-        def __init__(self, logdir):
+        def __init__(self, logdir, purge_step=None):
             self.logdir = logdir
+            purges.append(purge_step)
 
         def add_scalar(self, tag, value, step):
             scalars.append((tag, value, step))
@@ -74,6 +77,7 @@ def test_metrics_log_appends_jsonl_feeds_tensorboard_and_drops_lines_after_a_res
     log.write({"kind": "eval", "step": 3, "giou": 0.5})
     log.close()
     assert ("train/loss", 0.5, 2) in scalars and ("val/giou", 0.5, 3) in scalars and scalars[-1] == "closed"
-    MetricsLog(tmp_path, tensorboard=False, resume_step=2).close()  # resumed at step 2: step 3 is redone
+    MetricsLog(tmp_path, tensorboard=True, resume_step=2).close()  # resumed at step 2: step 3 is redone
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(m["kind"], m["step"]) for m in lines] == [("train", 1), ("train", 2)]
+    assert purges[0] is None and purges[1] == 3  # TensorBoard hides the killed run's events from step 3 on

@@ -77,6 +77,21 @@ def resolve_train_device(name: str) -> torch.device:
     return torch.device("cuda")
 
 
+def _forget_deepspeed_groups() -> None:
+    """Drop the groups DeepSpeed cached from an earlier process group of this process.
+
+    DeepSpeed keeps a clone of the world group (and the groups derived from it) in module
+    globals and never checks that they are still alive. After a run's group was destroyed (a
+    second ``run_training`` in one process: a notebook, a test session) the clones name a dead
+    group and ``deepspeed.initialize`` fails with "Group ... is not registered".
+    """
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith("_GROUP") and name.isupper():
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the launcher's process group, or start a one-process group (``--gpus 0``)."""
     select_accelerator(device.type)
@@ -89,6 +104,7 @@ def init_distributed(device: torch.device) -> DistInfo:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
+        _forget_deepspeed_groups()
         # DeepSpeed's CPU accelerator print()s about its shared-memory op: keep stdout for results
         with contextlib.redirect_stdout(sys.stderr):
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
