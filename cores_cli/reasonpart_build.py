@@ -437,38 +437,34 @@ def conversion_iou(shapes: Sequence, mask: np.ndarray) -> float:
 
 def read_manifest(path: Path) -> list[dict[str, Any]]:
     """The manifest's lines (after a torn tail was cut); a bad complete line is an error."""
-    if not path.is_file():
-        return []
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = None
-        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("name", "split", "image", "source")):
-            raise CoresError(f"{path}, line {lineno}: not a make-reasonpart manifest record; fix or remove that line, then run again to resume")
-        out.append(rec)
-    return out
+    return _read_records(path, ("name", "split", "image", "source"), "not a make-reasonpart manifest record; fix or remove that line")
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:
     """The journal's entries (after a torn tail was cut): ``{split, name, image, src, image_id,
     part_class}`` per item begun; a bad complete line is an error (the journal decides what may be
     removed, so it is never guessed at)."""
+    return _read_records(path, ("split", "name", "image", "src"), "not a make-reasonpart journal entry; remove that line")
+
+
+def _read_records(path: Path, keys: tuple[str, ...], problem: str) -> list[dict[str, Any]]:
+    """JSON objects, one a line, each with string ``keys``; none when the file is absent."""
     if not path.is_file():
         return []
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CoresError(f"{path}: not UTF-8 text (byte {exc.start}); it is not make-reasonpart's, or it was damaged") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             rec = None
-        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("split", "name", "image", "src")):
-            raise CoresError(f"{path}, line {lineno}: not a make-reasonpart journal entry; remove that line, then run again to resume")
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in keys):
+            raise CoresError(f"{path}, line {lineno}: {problem}, then run again to resume")
         out.append(rec)
     return out
 

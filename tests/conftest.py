@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -16,6 +17,51 @@ def _realdata_dir() -> Path | None:
         if cand.is_dir():
             return cand.resolve()
     return None
+
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+
+
+@contextlib.contextmanager
+def in_process_training():
+    """Training in this process (a one-process gloo group, one thread: tiny ops are as fast,
+    and immune to the oversubscription a busy machine causes); afterwards the group is torn
+    down and the environment restored, so later tests see a plain process."""
+    import torch
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def invoke_predict(*args, input=None):
+    """``cores predict ARGS`` in this process; an unexpected exception is raised, not hidden."""
+    from typer.testing import CliRunner
+
+    from cores_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["predict", *map(str, args)], input=input)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def error_lines(result) -> list[str]:
+    """The ``error:`` lines of a command's stderr; a traceback fails the test."""
+    assert "Traceback" not in result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="session")

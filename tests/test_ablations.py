@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "ablations.py"
@@ -18,6 +19,7 @@ def run(out, *extra):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=900)
 
 
+@pytest.mark.slow
 def test_the_ablation_script_trains_scores_and_tabulates(tmp_path):
     res = run(tmp_path, "--configs", "depth1", "no_refiner", "--jobs", "2")
     assert res.returncode == 0, res.stderr

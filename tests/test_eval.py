@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +149,7 @@ def test_reasonseg_with_missing_files_names_them(tiny_checkpoint, tmp_path):
     assert "reason_seg/ReasonSeg/val" in result.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_numbers(tiny_checkpoint, tmp_path):
     """5 samples over 2 ranks (3 + 2): no padding sample is counted twice."""
     common = ["--dataset", "synthetic:val", "--opt", "n=5", "-c", str(tiny_checkpoint), "--device", "cpu", "--batch-size", "2"]

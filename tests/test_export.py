@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from cores_cli.cli.export import export as export_command
 from cores_cli.engine.checkpoint import load_checkpoint, save_checkpoint
-from cores_cli.engine.checkpoint import load_checkpoint
 from cores_cli.engine.export import export_checkpoint
 from cores_cli.engine.predictor import Predictor
 from cores_cli.errors import CoresError

@@ -13,24 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
+from conftest import error_lines, invoke_predict
 
-from cores_cli.cli.app import app
 
-runner = CliRunner()
 K0 = ["--set", "prompt.in_context_k=0"]
 
-
-def run(*args, input=None):
-    result = runner.invoke(app, ["predict", *map(str, args)], input=input)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def error_lines(result) -> list[str]:
-    assert "Traceback" not in result.stderr
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+run = invoke_predict
 
 
 def write_image(path: Path, size=(120, 90), mode="RGB", fill=None) -> Path:

@@ -18,30 +18,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
+from conftest import error_lines, invoke_predict
 
-from cores_cli.cli.app import app
 from cores_cli.data.transform import clip_image, longest_side_shape, sam_image, sam_target
 from cores_cli.engine import batch_predict
 from cores_cli.engine.batch_predict import Job, OutputNamer
 
-runner = CliRunner()
 K0 = ["--set", "prompt.in_context_k=0"]
 HANG_GUARD_S = 600.0
 """Only against a hung process; every wait below is for an event."""
-OUTPUT_SUFFIXES = {"mask": ".mask.png", "overlay": ".overlay.png", "json": ".json"}
+OUTPUT_SUFFIXES = batch_predict.OUTPUT_SUFFIXES
 
-
-def run(*args, input=None):
-    result = runner.invoke(app, ["predict", *map(str, args)], input=input)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def error_lines(result) -> list[str]:
-    assert "Traceback" not in result.stderr
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+run = invoke_predict
 
 
 def write_image(path: Path, width: int, height: int, seed: int = 0) -> Path:

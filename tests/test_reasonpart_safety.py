@@ -349,3 +349,14 @@ def test_a_replayed_reply_from_another_request_is_rejected_and_asked_again(tmp_p
     for r in records:  # every question is about its own item's object
         assert f"feature of the {r['object']} " in r["question"], r
     assert summary.complete and summary.rejected["not requested"] == 1
+
+
+def test_a_manifest_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    from cores_cli.reasonpart_build import read_journal, read_manifest
+
+    for read, name in ((read_manifest, "manifest.jsonl"), (read_journal, ".make-reasonpart.journal")):
+        bad = tmp_path / name
+        bad.write_bytes(b'{"name": "caf\xe9"}\n')
+        with pytest.raises(CoresError, match=f"{name}: not UTF-8 text"):
+            read(bad)
+        assert bad.read_bytes() == b'{"name": "caf\xe9"}\n'

@@ -65,6 +65,7 @@ def test_gpus_0_trains_through_deepspeed_and_writes_checkpoints(uninterrupted):
     assert not report.missing and (run / "recipe.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_and_resume_matches_the_uninterrupted_run(uninterrupted, tmp_path):
     run = tmp_path / "killed"
     res = cores("train", "--gpus", "0", "--run-dir", str(run), *ARGS, fault="kill-during-save:4")

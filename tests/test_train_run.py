@@ -4,10 +4,10 @@ validation with the best checkpoint, gradient checkpointing, state round trips, 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
+from conftest import in_process_training
 
 from cores_cli.engine.checkpoint import load_checkpoint, read_checkpoint_config
 from cores_cli.engine.train_config import load_recipe
@@ -15,27 +15,11 @@ from cores_cli.engine.train_state import find_resume_checkpoint, prune, read_tra
 from cores_cli.engine.trainer import run_training
 from cores_cli.errors import CoresError
 
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
-
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
-    """One gloo group for the module; torn down so later tests see a plain process."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    threads = torch.get_num_threads()
-    # tiny ops: one thread is as fast, and immune to the oversubscription a busy machine causes
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with in_process_training():
+        yield
 
 
 def tiny_recipe(run_dir, *overrides):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny, tiny_config
+from conftest import DIST_ENV, build_tiny, in_process_training, tiny_config
 from typer.testing import CliRunner
 
 from cores_cli.cli.app import app
@@ -32,28 +32,13 @@ from cores_cli.engine.trainer import MetricsLog, run_training
 from cores_cli.errors import CheckpointError, ConfigError, CoresError
 
 runner = CliRunner()
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_and_a_clean_process_group():
-    """Training here runs in this process (a one-process gloo group): torn down afterwards so
-    later tests see a plain process."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: as fast, and immune to a busy machine
-    yield
-    torch.set_num_threads(threads)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with in_process_training():
+        yield
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

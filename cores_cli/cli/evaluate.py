@@ -100,7 +100,11 @@ def evaluate(
         # read and check here first, so bad input stops with one line, not one per process
         _read_and_check(req, checkpoint, report=strict)
         raise typer.Exit(_relaunch(gpus, sys.argv[1:]))
+    import torch.distributed as torch_dist
+
+    joined = not torch_dist.is_initialized()  # a group we start here is ours to shut down
     dev = init_distributed_from_env(device) or resolve_device(device)
+    joined = joined and torch_dist.is_initialized()
     main = int(os.environ.get("RANK", "0")) == 0
     samples, summary = _read_and_check(req, checkpoint, report=main)
     loaded = load_for_inference(checkpoint, preset, list(set_), dev, resolve_dtype(dtype, dev), seed)
@@ -113,6 +117,10 @@ def evaluate(
             return lambda n: bar.advance(task, n)
 
         run = compute_eval(req, loaded, samples, factory)
+    if joined:
+        # the last collective is behind us; a gloo group left to the interpreter's exit can abort
+        # a rank ("terminate called without an active exception") after all the work is done
+        torch_dist.destroy_process_group()
     if not main:
         return
     # the numbers are shown before any file is written, so a failed write loses nothing

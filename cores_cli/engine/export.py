@@ -28,7 +28,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 
 from ..errors import CoresError
