@@ -117,7 +117,7 @@ from .data.parts import (
 )
 from .data.reasonpart import MANIFEST
 from .data.reasonseg_writer import Holes, dumps_reasonseg, mask_to_shapes, reasonseg_document
-from .data.records import ReaderWarning, SegSample
+from .data.records import ReaderWarning, SegSample, warning_kind
 from .errors import CoresError
 from .fileio import OutputLocked, atomic_write_text, exclusive_lock
 
@@ -291,6 +291,8 @@ class ReasonPartSummary(RunSummary):
     skipped: Counter[str] = field(default_factory=Counter)  # images passed over, by reason
     stale_lines_removed: int = 0
     orphans_removed: int = 0  # items begun by a killed run and never listed: their files removed
+    relinked: int = 0  # written items whose image link dangled, pointed at the image's new place
+    dangling: int = 0  # written items whose image link dangles and whose image was not found
     annotation_warnings: Counter[str] = field(default_factory=Counter)  # --ann records left out or odd, by kind
     min_conversion_iou: float | None = None
 
@@ -524,7 +526,7 @@ def _check_paths(o: ReasonPartOptions) -> None:
     """Refuse inputs and output that overlap (module docstring, Files), on real paths: symlinks
     and ``..`` resolved, so that ``--images link-to-out/partimagenet`` is caught too."""
     out = Path(os.path.realpath(o.out))
-    split_dir = out / (o.split or o.source)
+    split_dir = Path(os.path.realpath(out / (o.split or o.source)))  # itself a link, possibly
     images = Path(os.path.realpath(o.images))
     if out.exists() and not out.is_dir():
         raise CoresError(f"--out {o.out} is a file; give a folder")
@@ -689,10 +691,12 @@ class ReasonPartBuild:
                     f"{self.manifest} holds {self.split!r} items made from {rec['source']}, not {self.o.source}; "
                     "use another --split or --out"
                 )
-            if not (self.dir / f"{rec['name']}.json").is_file() or not (self.dir / rec["image"]).exists():
+            # lexists: a link whose source image moved away is still this item's file
+            if not (self.dir / f"{rec['name']}.json").is_file() or not os.path.lexists(self.dir / rec["image"]):
                 stale.append(rec)
                 continue
             keep.append(rec)
+            self._relink_if_dangling(rec)
             self.names.add(rec["name"])
             self.owned.update((f"{rec['name']}.json", rec["image"]))
             written.setdefault(json.dumps(rec.get("image_id")), set()).add(str(rec.get("part_class")))
@@ -701,9 +705,26 @@ class ReasonPartBuild:
             atomic_write_text(self.manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
             for rec in stale:  # listed, so ours: the file the user (or a disk) left of it goes too
                 sample = self.by_key.get(json.dumps(rec.get("image_id")))
-                self._remove_item_files({**rec, "src": sample.image_path if sample else None})
+                self._remove_item_files({**rec, "src": rec.get("src") or (sample.image_path if sample else None)})
+                if os.path.lexists(self.dir / rec["image"]):
+                    # kept because it could not be shown unchanged; the manifest named it as this
+                    # item's, so writing the item again may replace it
+                    self.owned.add(rec["image"])
         self._remove_unfinished_items()
         return written
+
+    def _relink_if_dangling(self, rec: dict[str, Any]) -> None:
+        """A written item whose image link points where the source image no longer is (the
+        images were moved, and --images names their new place) is pointed at the new place."""
+        link = self.dir / rec["image"]
+        if not link.is_symlink() or link.exists():
+            return
+        sample = self.by_key.get(json.dumps(rec.get("image_id")))
+        if sample is None or not Path(sample.image_path).is_file():
+            self.s.dangling += 1
+            return
+        place_image(Path(sample.image_path), link, "symlink")
+        self.s.relinked += 1
 
     def _remove_unfinished_items(self) -> None:
         """Files of items the journal says were begun and the manifest does not list (a kill
@@ -876,7 +897,7 @@ class ReasonPartBuild:
             "prompt_version": PROMPT_VERSION if chat else None, "template_version": None if chat else self.table.version,
             "seed": o.seed, "holes": o.holes, "target_polygons": sum(s.label == "target" for s in shapes),
             "ignore_polygons": sum(s.label != "target" for s in shapes), "conversion_iou": round(iou, 6),
-            "warnings": task.warnings, "cores_version": __version__,
+            "warnings": task.warnings, "cores_version": __version__, "src": os.path.abspath(src),
         }
         append_line(self.manifest, json.dumps(record, ensure_ascii=False))
         self.names.add(name)
@@ -889,6 +910,8 @@ class ReasonPartBuild:
             self.done.add(task.key)
             self.unresolved.discard(task.key)
             self.s.accepted += 1
+            for warning in task.warnings:  # per written image, as the manifest lists them
+                self.annotation_warnings[f"written images with a {warning_kind(warning)} warning (see the manifest)"] += 1
 
     def reject(self, item: PartItem, reason: str | None) -> None:
         """A question that was not accepted (``reason`` None: already counted for the reply)."""

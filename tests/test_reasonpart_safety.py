@@ -94,6 +94,41 @@ def test_a_first_run_keeps_every_file_of_the_user_in_the_split_folder(tmp_path, 
     assert summary["orphans_removed"] == 0 and summary["stale_lines_removed"] == 0 and summary["total"] == 6
 
 
+def test_moved_source_images_keep_the_written_items_and_their_links_follow(tmp_path, pin):
+    out = tmp_path / "rp"
+    assert template(pin, out, "--n", "4").exit_code == 0
+    written = snapshot(out / "partimagenet")
+    moved = pin.images.with_name("val_moved")
+    pin.images.rename(moved)  # every image link of the output now dangles
+
+    again = cli("--source", "partimagenet", "--ann", pin.ann, "--images", moved, "--out", out, "--questions", "template", "--n", "4", "--json")
+
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["relinked"] == 4 and summary["stale_lines_removed"] == 0 and summary["total"] == 4
+    after = snapshot(out / "partimagenet")
+    assert {k: v for k, v in after.items() if k.endswith(".json")} == {k: v for k, v in written.items() if k.endswith(".json")}
+    assert len(manifest(out)) == 4
+    for link in (out / "partimagenet").glob("*.jpg"):
+        assert link.resolve().parent.parent == moved.resolve()  # n0.../ under the new folder
+
+
+def test_a_missing_source_image_never_costs_a_written_item(tmp_path, pin):
+    out = tmp_path / "rp"
+    assert template(pin, out, "--n", "6").exit_code == 0
+    first = manifest(out)[0]
+    src = Path(first["src"])
+    hidden = src.with_name("hidden")
+    src.rename(hidden)  # e.g. a network share that is briefly away
+
+    again = template(pin, out, "--n", "5", "--skip-missing", "--json")
+    assert again.exit_code == 0, again.output
+    assert (out / "partimagenet" / f"{first['name']}.json").is_file()
+    assert json.loads(again.stdout)["dangling"] == 1 and len(manifest(out)) == 6
+    hidden.rename(src)
+    assert template(pin, out, "--n", "6").exit_code == 0  # and nothing blocks a later run
+
+
 class Killed(BaseException):
     """Stands for a SIGKILL between the two writes of an item (no clean-up code may catch it)."""
 
@@ -175,7 +210,9 @@ def _flat_images(fixture, folder: Path) -> None:
         shutil.copyfile(p, folder / p.name)
 
 
-@pytest.mark.parametrize("case", ["images in OUT/split", "images linked to OUT/split", "OUT inside images", "ann in OUT/split", "OUT is a file"])
+@pytest.mark.parametrize(
+    "case", ["images in OUT/split", "images linked to OUT/split", "OUT/split linked to the inputs", "OUT inside images", "ann in OUT/split", "OUT is a file"]
+)
 def test_overlapping_inputs_and_output_are_refused_and_nothing_is_touched(tmp_path, pin, monkeypatch, case):
     monkeypatch.chdir(tmp_path)
     images, ann, out = pin.images, pin.ann, tmp_path / "rp"
@@ -186,6 +223,9 @@ def test_overlapping_inputs_and_output_are_refused_and_nothing_is_touched(tmp_pa
         _flat_images(pin, out / "partimagenet")
         images = tmp_path / "link"
         images.symlink_to(out / "partimagenet")
+    elif case == "OUT/split linked to the inputs":  # the split folder itself is a link to the user's data
+        out.mkdir()
+        (out / "partimagenet").symlink_to(pin.ann.parent, target_is_directory=True)
     elif case == "OUT inside images":
         out = pin.images / "rp"
     elif case == "ann in OUT/split":  # `--out .` run from the folder that holds partimagenet/val.json
@@ -285,6 +325,22 @@ def test_a_size_that_is_not_a_positive_whole_number_is_one_line_naming_file_key_
     edit_ann(pin, lambda d: d["images"][2].update(height=value))
     line = one_line_error(template(pin, tmp_path / "rp"))
     assert str(pin.ann) in line and "images[2] (id 3) key 'height'" in line and repr(value) in line
+
+
+def test_an_impossible_size_or_a_nul_in_a_file_name_is_one_line(tmp_path, pin):
+    edit_ann(pin, lambda d: d["images"][2].update(height=10**12))  # would allocate terabytes of mask
+    line = one_line_error(template(pin, tmp_path / "rp"))
+    assert "images[2] (id 3) says 80×1000000000000 pixels" in line
+    edit_ann(pin, lambda d: d["images"][2].update(height=60, file_name="a\0b.JPEG"))
+    line = one_line_error(template(pin, tmp_path / "rp"))
+    assert "images[2] (id 3) key 'file_name'" in line and "NUL" in line
+
+
+def test_warnings_about_written_images_are_counted_in_the_summary(tmp_path, pin):
+    edit_ann(pin, lambda d: [im.update(height=120, width=160) for im in d["images"]])  # files are 80×60
+    result = template(pin, tmp_path / "rp", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["annotation_warnings"] == {"written images with a size_mismatch warning (see the manifest)": 6}
 
 
 def test_the_training_readers_share_the_checks(tmp_path, pin):

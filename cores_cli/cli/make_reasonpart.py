@@ -77,7 +77,7 @@ def make_reasonpart(
 def _summary_table(s: ReasonPartSummary):
     """The run in rows; request rows only when a chat model was asked."""
     iou = "" if s.min_conversion_iou is None else f"{s.min_conversion_iou:.4f}"
-    repairs = s.stale_lines_removed + s.orphans_removed
+    repairs = s.stale_lines_removed + s.orphans_removed + s.relinked
     rows = chat.common_rows(s, "images already written")
     if s.mode != "chat":
         rows = [r for r in rows if r[0] not in ("failed requests", "retries")]
@@ -85,8 +85,10 @@ def _summary_table(s: ReasonPartSummary):
         ("items (image, part)", s.items, f"{s.items_existing} before, {s.items_written} new"),
         ("images passed over", sum(s.skipped.values()), format_counts(s.skipped)),
         ("items given up", s.dropped_items, f"{s.dropped_images} images replaced" if s.dropped_images else ""),
-        ("repairs", repairs, f"{s.stale_lines_removed} stale manifest lines, {s.orphans_removed} unfinished items removed" if repairs else ""),
+        ("repairs", repairs, f"{s.stale_lines_removed} stale manifest lines, {s.orphans_removed} unfinished items removed, "
+         f"{s.relinked} image links pointed at --images" if repairs else ""),
         ("annotation warnings", sum(s.annotation_warnings.values()), format_counts(s.annotation_warnings)),
+        *([("image links dangling", s.dangling, "written items whose source image is not under --images")] if s.dangling else []),
         ("min polygon IoU", iou, "written polygons vs source mask (this run)"),
     ]
     if s.mode == "chat":

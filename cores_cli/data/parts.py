@@ -200,6 +200,11 @@ def check_coco_parts(data: Any, path: Path, what: str) -> None:
         for k in ("height", "width"):
             if not _is_positive_whole(img[k]):
                 raise CoresError(f"{where} key {k!r} is {_shown(img[k])}, not a positive whole number")
+        if img["height"] * img["width"] > MAX_ANNOTATED_PIXELS:
+            raise CoresError(
+                f"{where} says {img['width']}×{img['height']} pixels, above the {MAX_ANNOTATED_PIXELS // 1_000_000} MP "
+                "any reader of cores draws masks for; is the size right?"
+            )
         problem = _file_name_problem(img["file_name"])
         if problem:
             raise CoresError(f"{where} key 'file_name' is {_shown(img['file_name'])}: {problem}")
@@ -207,6 +212,11 @@ def check_coco_parts(data: Any, path: Path, what: str) -> None:
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+MAX_ANNOTATED_PIXELS = 1_000_000_000
+"""Largest image size an annotation may claim: masks are drawn at that size (1 GB at 1000 MP), so
+a typo like ``height: 10**12`` must stop here rather than in an allocation of terabytes."""
 
 
 def _is_positive_whole(value: Any) -> bool:
@@ -239,6 +249,8 @@ def _file_name_problem(name: Any) -> str | None:
     Windows-style ``C:\\x.jpg`` or ``..\\x.jpg`` is caught too."""
     if not isinstance(name, str) or not name.strip():
         return "not a file name"
+    if "\0" in name:
+        return "it holds a NUL character, which no file name can"
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or name.startswith(("/", "\\")):
         return "an absolute path; file names must be relative to the image folder"
