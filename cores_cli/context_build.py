@@ -569,8 +569,11 @@ def check_output_file(out: Path, inputs: Mapping[str, Path]) -> None:
     """Refuse an ``--out`` that is a folder, sits under a file, or is one of the ``inputs``."""
     if out.is_dir():
         raise CoresError(f"--out {out} is a folder; give the library file inside it, e.g. {out / 'library.jsonl'}")
+    if out.exists() and not out.is_file():
+        # a FIFO would block the first open for ever; a device is nobody's library
+        raise CoresError(f"--out {out} is not a regular file; give a library file")
     for option, path in inputs.items():
-        if out.exists() and Path(path).exists() and out.resolve() == Path(path).resolve():
+        if out.exists() and Path(path).exists() and os.path.samefile(out, path):  # links, hard ones too
             raise CoresError(f"--out {out} is the {option} file; write the library to a file of its own")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

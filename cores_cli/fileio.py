@@ -131,8 +131,9 @@ class OutputLocked(Exception):
 
 
 def lock_path_for(output: str | Path) -> Path:
-    """The lock file of an output file or folder: ``.NAME.lock`` beside it."""
-    p = Path(output)
+    """The lock file of an output file or folder: ``.NAME.lock`` beside it, named after the real
+    path, so that every spelling of one output (a symbolic link to it, ``..``) takes one lock."""
+    p = Path(os.path.realpath(output))
     return p.with_name(f".{p.name}.lock")
 
 

@@ -237,6 +237,28 @@ def test_an_out_that_is_the_seeds_file_is_refused(tmp_path, server):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_bytes((REPO / "contexts" / "seeds.jsonl").read_bytes())
     before = seeds.read_bytes()
-    result = invoke("--n", "50", "--out", seeds, "--seeds", seeds, "--base-url", server.url)
-    assert result.exit_code == 1 and "is the --seeds file" in one_line(result.stderr)
+    os.link(seeds, tmp_path / "hard.jsonl")
+    for out in (seeds, tmp_path / "hard.jsonl"):  # the same file under another name, too
+        result = invoke("--n", "50", "--out", out, "--seeds", seeds, "--base-url", server.url)
+        assert result.exit_code == 1 and "is the --seeds file" in one_line(result.stderr)
     assert seeds.read_bytes() == before and server.requests == []
+
+
+def test_an_out_that_is_a_fifo_is_one_line_not_a_hang(tmp_path, server):
+    fifo = tmp_path / "lib.jsonl"
+    os.mkfifo(fifo)  # opening it to write would wait for a reader for ever
+    result = invoke("--n", "3", "--out", fifo, "--base-url", server.url)
+    assert result.exit_code == 1 and "is not a regular file" in one_line(result.stderr)
+    assert server.requests == []
+
+
+def test_the_lock_holds_for_every_spelling_of_the_output(tmp_path, server):
+    from cores_cli.fileio import exclusive_lock
+
+    out = tmp_path / "lib.jsonl"
+    out.write_bytes(load_library(REPO / "contexts" / "seeds.jsonl")[0].to_json().encode() + b"\n")
+    (tmp_path / "link.jsonl").symlink_to(out)
+    with exclusive_lock(out):  # as a running build-context holds it
+        result = invoke("--n", "3", "--out", tmp_path / "link.jsonl", "--base-url", server.url)
+    assert result.exit_code == 1 and "is being written by process" in one_line(result.stderr)
+    assert server.requests == []
