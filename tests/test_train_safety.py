@@ -87,6 +87,29 @@ def test_export_refuses_any_out_overlapping_the_checkpoint_or_its_run_and_the_ru
     assert snapshot(run) == before and not (run.parent / "mine.old").exists()
 
 
+def test_export_never_replaces_a_copied_checkpoint_or_the_base_a_checkpoint_is_built_on(checkpoint, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "my-model"  # a trained checkpoint copied by hand: not an export
+    shutil.copytree(checkpoint, copy)
+    before = snapshot(copy)
+    with pytest.raises(CoresError, match="is not a cores export"):
+        export_checkpoint(checkpoint, copy, overwrite=True)
+    assert snapshot(copy) == before
+
+    base = export_checkpoint(checkpoint, tmp_path / "base")  # an export that another checkpoint builds on
+    derived = tmp_path / "derived"
+    shutil.copytree(base, derived, ignore=shutil.ignore_patterns("llava"))
+    meta = json.loads((derived / "config.json").read_text())
+    meta["model"]["mllm"]["path"] = str(base / "llava")
+    (derived / "config.json").write_text(json.dumps(meta))
+    before = snapshot(base)
+    with pytest.raises(CoresError, match=r"holds .*base/llava, the mllm.path the checkpoint is built on"):
+        export_checkpoint(derived, base, overwrite=True)
+    assert snapshot(base) == before
+
+
 def test_export_overwrite_replaces_only_an_earlier_export(checkpoint, tmp_path):
     user = tmp_path / "my-folder"
     user.mkdir()

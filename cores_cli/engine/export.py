@@ -33,11 +33,11 @@ from peft import PeftModel
 from ..errors import CoresError
 from ..fileio import atomic_directory
 from ..runtime import DTYPES
-from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, load_checkpoint, read_checkpoint_config, resolve_base_paths, save_checkpoint
 from .train_state import run_dir_of
 
-EXPORT_ENTRIES = frozenset({"config.json", "tokenizer", "weights.safetensors", "llava", "adapter"})
-"""What an export (or a plain cores checkpoint) holds: the only names ``--overwrite`` deletes."""
+EXPORT_ENTRIES = frozenset({"config.json", "tokenizer", "weights.safetensors", "llava"})
+"""What an export holds: the only names ``--overwrite`` deletes."""
 
 
 def check_export_target(checkpoint: str | Path, out: str | Path, overwrite: bool) -> None:
@@ -55,33 +55,49 @@ def check_export_target(checkpoint: str | Path, out: str | Path, overwrite: bool
     if overlaps:
         relation, what, path = overlaps[0]
         raise CoresError(f"{dest} {relation} {what} {path}: --overwrite there would delete it; export to a directory outside it")
+    for key, path in _base_files(src):
+        if target == path or target in path.parents:
+            raise CoresError(f"{dest} holds {path}, the {key} the checkpoint is built on; export to a directory of its own")
     if dest.exists() or dest.is_symlink():
         if not overwrite:
             raise CoresError(f"{dest} already exists (remove it or pass --overwrite)")
         _check_replaceable(dest, "--overwrite replaces only an earlier export")
 
 
+def _base_files(checkpoint: Path) -> list[tuple[str, Path]]:
+    """The files outside the checkpoint that it needs (LLaVA, tokenizer, SAM ``.pth``): replacing
+    one would silently change this checkpoint and every run that names it."""
+    cfg = resolve_base_paths(read_checkpoint_config(checkpoint), checkpoint)
+    named = [("mllm.path", cfg.mllm.path), ("mllm.tokenizer", cfg.mllm.tokenizer), ("sam.checkpoint", cfg.sam.checkpoint)]
+    return [(key, Path(value).resolve()) for key, value in named if value]
+
+
 def _check_replaceable(path: Path, why: str) -> None:
-    """``path`` is an export (or plain checkpoint) we wrote and may be deleted, or CoresError."""
+    """``path`` is an export we wrote and may be deleted, or CoresError."""
     if path.is_symlink():
         raise CoresError(f"{path} is a symbolic link; {why}: remove it yourself or choose another OUT")
     if not path.is_dir():
         raise CoresError(f"{path} is a file, not an earlier export; {why}: choose another OUT")
-    if not _is_checkpoint_config(path / "config.json"):
-        raise CoresError(f"{path} is not a cores export (no cores config.json in it); {why}: choose another OUT")
     if (path / "train_state").exists() or run_dir_of(path) is not None:
         raise CoresError(f"{path} is a checkpoint of a training run; {why}: choose another OUT")
+    if not _is_export_config(path / "config.json"):
+        raise CoresError(f"{path} is not a cores export (its config.json does not say it was exported); {why}: choose another OUT")
     foreign = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_ENTRIES)
     if foreign:
         raise CoresError(f"{path} holds {foreign[0]!r}, which an export does not write; {why}: move it away or choose another OUT")
 
 
-def _is_checkpoint_config(path: Path) -> bool:
+def _is_export_config(path: Path) -> bool:
+    """A cores checkpoint config that :func:`export_checkpoint` wrote (it records its source);
+    a copied training checkpoint has none."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return False
+    extra = meta.get("extra")
+    return isinstance(extra, dict) and "exported_from" in extra
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False) -> Path:
