@@ -250,6 +250,41 @@ def test_overwrite_removes_only_what_a_run_writes(tmp_path):
         check_run_dir(run, resume=True, overwrite=False)
 
 
+def test_a_recipe_of_the_users_in_the_run_dir_is_not_replaced_without_overwrite(tmp_path):
+    from cores_cli.engine.train_config import recipe_text
+    from cores_cli.engine.trainer import check_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = "# my recipe, with my comments\n" + recipe_text(recipe_for(run))
+    (run / "recipe.yaml").write_text(mine)
+    ours = recipe_text(recipe_for(run))
+    with pytest.raises(CoresError, match="recipe.yaml holds another recipe than this run's"):
+        check_run_dir(run, resume=False, overwrite=False, recipe=ours)
+    assert (run / "recipe.yaml").read_text() == mine
+    assert check_run_dir(run, resume=False, overwrite=True, recipe=ours) == [run / "recipe.yaml"]
+    (run / "recipe.yaml").write_text(ours)  # the same recipe again (a restart, or a launcher's): fine
+    assert check_run_dir(run, resume=False, overwrite=False, recipe=ours) == []
+
+
+def test_overwrite_empties_a_linked_checkpoints_folder_and_keeps_the_link(tmp_path):
+    from cores_cli.engine.trainer import clear_earlier_run
+
+    run, disk = tmp_path / "run", tmp_path / "big-disk" / "ckpts"
+    (disk / "step-000002").mkdir(parents=True)
+    (disk / "step-000002" / "config.json").write_text("{}")
+    (disk / "latest").write_text("step-000002")
+    (tmp_path / "big-disk" / "other.txt").write_text("mine\n")
+    run.mkdir()
+    (run / "checkpoints").symlink_to(disk, target_is_directory=True)
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+
+    clear_earlier_run(run)
+
+    assert (run / "checkpoints").is_symlink() and list(disk.iterdir()) == []
+    assert not (run / "metrics.jsonl").exists() and (tmp_path / "big-disk" / "other.txt").read_text() == "mine\n"
+
+
 def test_a_launched_run_is_checked_and_cleared_once_before_its_workers_start(tmp_path, monkeypatch):
     import subprocess
 
@@ -262,8 +297,11 @@ def test_a_launched_run_is_checked_and_cleared_once_before_its_workers_start(tmp
     def fake_launch(argv):
         from cores_cli.engine.trainer import check_run_dir
 
-        # what every worker will find: no earlier results, the recipe, the user's file
-        check_run_dir(run, resume=False, overwrite=False)
+        from cores_cli.engine.train_config import recipe_text
+
+        # what every worker will find: no earlier results, the recipe, the user's file; and the
+        # recipe a worker reads back is the one it would write itself
+        check_run_dir(run, resume=False, overwrite=False, recipe=recipe_text(load_recipe(str(run / "recipe.yaml"))))
         launched.append((argv, sorted(p.name for p in run.iterdir())))
         return 0
 
@@ -421,7 +459,7 @@ def test_a_sigkilled_run_restarted_with_the_same_command_is_refused_and_overwrit
 
     res = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert train_steps(run) == [1, 2, 3, 4] and "--overwrite: removed the earlier run's metrics.jsonl" in res.stderr
+    assert train_steps(run) == [1, 2, 3, 4] and "--overwrite: removed the earlier run's recipe.yaml, metrics.jsonl" in res.stderr
 
 
 def test_two_runs_in_one_process_with_the_group_torn_down_between(tmp_path):

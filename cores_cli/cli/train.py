@@ -81,7 +81,7 @@ def train(
     rd = Path(recipe.train.run_dir)
     # once, here, before any worker starts: a dry run is refused (or told what --overwrite
     # would remove) exactly as the real run would be, and removes nothing
-    replaced = check_run_dir(rd, resume=resume, overwrite=overwrite)
+    replaced = check_run_dir(rd, resume=resume, overwrite=overwrite, recipe=recipe_text(recipe))
     if dry_run and gpus == 0:
         stdout_line(recipe_text(recipe).rstrip())
         _say_replaced(rd, replaced)

@@ -245,8 +245,11 @@ def _load_adapter(model: CoresModel, adapter: Path, report: CheckpointReport) ->
     saved = _read_adapter_config(cfg_file)
     want = model.cfg.lora
     r, alpha, targets = saved.get("r"), saved.get("lora_alpha"), saved.get("target_modules")
-    if (r, alpha) != (want.r, want.alpha) or targets != lora_target_regex(want):
-        raise CheckpointError(f"{cfg_file}: LoRA r={r}, alpha={alpha} does not match the config's r={want.r}, alpha={want.alpha}")
+    if (r, alpha, targets) != (want.r, want.alpha, lora_target_regex(want)):
+        raise CheckpointError(
+            f"{cfg_file}: LoRA r={r}, alpha={alpha}, target_modules={targets!r} does not match the config's "
+            f"r={want.r}, alpha={want.alpha}, target_modules={lora_target_regex(want)!r}"
+        )
     lora = _read_safetensors(adapter / "adapter_model.safetensors")
     expected = set(get_peft_model_state_dict(model.mllm, save_embedding_layers=False))
     try:

@@ -180,10 +180,11 @@ def run_dir_has_checkpoints(run_dir: Path) -> bool:
 # ------------------------------------------------------------------------------ the run directory
 # A fresh run must not mix with an earlier one's files (a run killed before its first checkpoint
 # and started again used to append to the old metrics.jsonl). What a run writes into RUN (see
-# train_state's layout): recipe.yaml, rewritten at every start; metrics.jsonl; checkpoints/;
-# tensorboard/; and temporaries of atomic writes (.NAME.*.tmp). --overwrite removes those, and
-# inside checkpoints/ and tensorboard/ only names a run writes; any other file stops it, and
-# files of the user's own beside them in RUN are never touched.
+# train_state's layout): recipe.yaml, written at every start (a different one already there is
+# replaced only with --overwrite); metrics.jsonl; checkpoints/ (possibly a link to another disk:
+# emptied, the link kept); tensorboard/; and temporaries of atomic writes (.NAME.*.tmp).
+# --overwrite removes those, and inside checkpoints/ and tensorboard/ only names a run writes; any
+# other file stops it, and files of the user's own beside them in RUN are never touched.
 
 RESULT_FILES = ("metrics.jsonl",)
 RESULT_DIRS = ("checkpoints", "tensorboard")
@@ -196,18 +197,22 @@ _TENSORBOARD_ENTRY = re.compile(r"^events\.out\.tfevents\..+$")
 
 def earlier_run_outputs(run_dir: Path) -> list[Path]:
     """The results an earlier run left in ``run_dir`` (metrics, checkpoints, TensorBoard events);
-    empty for a new or empty directory. ``recipe.yaml`` alone is not one: it holds no results and
-    every start rewrites it (the launcher of ``--gpus N`` writes it before its workers check)."""
+    empty for a new or empty directory. ``recipe.yaml`` alone is not one: it holds no results, and
+    the launcher of ``--gpus N`` writes it before its workers check (:func:`check_run_dir` compares
+    it with the run's own)."""
     found = [run_dir / f for f in RESULT_FILES if (run_dir / f).is_file()]
     found += [run_dir / d for d in RESULT_DIRS if (run_dir / d).is_dir() and any((run_dir / d).iterdir())]
     return found
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> list[Path]:
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe: str | None = None) -> list[Path]:
     """Whether a run may start in ``run_dir``: a CoresError naming the way out when not.
 
     Returns what ``--overwrite`` will remove (:func:`clear_earlier_run`). Called once by the
-    process ``cores train`` runs in, before any worker starts, and again by every worker."""
+    process ``cores train`` runs in, before any worker starts, and again by every worker.
+    ``recipe`` is the ``recipe.yaml`` text this run will write: a fresh run does not replace
+    another one (a user's hand-written recipe, an earlier start with other settings) without
+    ``--overwrite``."""
     from .train_state import find_resume_checkpoint
 
     if resume and overwrite:
@@ -215,6 +220,14 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> list[Path]
     if run_dir.exists() and not run_dir.is_dir():
         raise CoresError(f"the run directory {run_dir} is a file: choose another --run-dir")
     earlier = earlier_run_outputs(run_dir)
+    saved = run_dir / "recipe.yaml"
+    if not resume and recipe is not None and saved.is_file() and saved.read_bytes() != recipe.encode("utf-8"):
+        if not overwrite:
+            raise CoresError(
+                f"{saved} holds another recipe than this run's (a recipe of yours, or an earlier start with other "
+                "settings): pass --overwrite to replace it, or choose another run directory"
+            )
+        earlier = [saved, *earlier]  # replaced by the new recipe: listed so that the user is told
     if resume:
         if find_resume_checkpoint(run_dir / "checkpoints") is None:
             hint = f"; it holds an earlier run's {_names(earlier)}: pass --overwrite instead to start again" if earlier else ""
@@ -245,11 +258,20 @@ def clear_earlier_run(run_dir: Path) -> list[Path]:
     is still refused without --overwrite rather than one that looks new."""
     removed = check_run_dir(run_dir, resume=False, overwrite=True)
     for path in sorted(removed, key=lambda p: p.name == "metrics.jsonl"):
-        if path.is_dir():
-            shutil.rmtree(path)
+        if path.is_symlink() and path.is_dir():
+            # checkpoints/ linked to a bigger disk: empty it (its entries were checked), keep the link
+            for child in path.iterdir():
+                _remove(child)
         else:
-            path.unlink(missing_ok=True)
+            _remove(path)
     return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _names(paths: list[Path]) -> str:
@@ -274,7 +296,7 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     check_recipe(recipe)
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
-    replaced = _names(check_run_dir(run_dir, resume=resume, overwrite=overwrite))
+    replaced = _names(check_run_dir(run_dir, resume=resume, overwrite=overwrite, recipe=recipe_text(recipe)))
     resume_from = ts.find_resume_checkpoint(ckpt_root) if resume else None
 
     device = ds.resolve_train_device(cfg.device)
