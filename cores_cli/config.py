@@ -13,6 +13,7 @@ A checkpoint's ``config.json`` is a :class:`ModelConfig`. Presets:
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -90,6 +91,9 @@ class SamConfig:
         bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
         if bad:
             raise FieldError("encoder_global_attn_indexes", f"must be block indexes below encoder_depth ({self.encoder_depth}), got {bad[0]}")
+        # a window wider than the patch grid only pads it (and sizes the relative-position tables)
+        if self.window_size > self.embedding_size:
+            raise FieldError("window_size", f"must be at most the patch grid's side (image_size / patch_size = {self.embedding_size}), got {self.window_size}")
 
     @property
     def embedding_size(self) -> int:
@@ -196,6 +200,9 @@ class LoraSettings:
             raise FieldError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.enabled and not self.target_modules:
             raise FieldError("target_modules", "must name at least one module when LoRA is enabled")
+        odd = [m for m in self.target_modules if not isinstance(m, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", m)]
+        if odd:
+            raise FieldError("target_modules", f"must be module names like q_proj (letters, digits, '_'), got {odd[0]!r}")
 
 
 @dataclass

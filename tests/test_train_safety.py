@@ -365,7 +365,7 @@ SIZE_OVERRIDES = [
     "mllm.text.hidden_size=0", "mllm.text.num_heads=0", "mllm.text.num_kv_heads=3", "mllm.text.vocab_size=-1",
     "mllm.vision.image_size=0", "mllm.vision.patch_size=-2", "mllm.vision_feature_layer=5",
     "lora.r=0", "lora.alpha=0", "lora.dropout=1.0", "chain.refiner_heads=0", "chain.refiner_heads=3",
-    "prompt.max_text_tokens=0", "loss.bce=-1",
+    "prompt.max_text_tokens=0", "loss.bce=-1", "sam.window_size=1000", "lora.target_modules=[q-proj]",
 ]
 
 
@@ -377,6 +377,11 @@ def test_a_zero_negative_or_unfit_size_is_an_error_naming_the_key(override):
     # the same in a recipe, under model.
     with pytest.raises(ConfigError, match=rf"^model\.{re.escape(key)} must"):
         load_recipe("tiny-synthetic", [f"model.{override}"])
+
+
+def test_lora_targets_that_match_no_layer_are_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"lora.target_modules \['nosuch'\]: no linear layer of the language model"):
+        build_tiny("lora.target_modules=[nosuch]")
 
 
 @pytest.mark.parametrize("command", ["predict", "eval", "train"])

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from ..config import CHAIN_TOKENS, LoraSettings, MllmConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 IMAGE_TOKEN = "<image>"
 TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
@@ -201,4 +201,10 @@ def apply_lora(model: LlavaForConditionalGeneration, settings: LoraSettings) -> 
     with warnings.catch_warnings():
         # peft calls a transformers method that transformers 5 marks as deprecated
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:  # peft: no module matches the targets
+            raise ConfigError(
+                f"lora.target_modules {list(settings.target_modules)}: no linear layer of the language model has "
+                f"such a name ({str(exc).splitlines()[0][:200]})"
+            ) from None
