@@ -28,17 +28,23 @@ _FILE_MODE = 0o666 & ~_current_umask()
 
 TEMPORARY_PATTERN = r"\.{name}\.[a-z0-9_]{{8}}\.tmp"
 """How the temporaries of a destination ``name`` are named (``.NAME.k3j_9x2a.tmp``): format with
-``name=re.escape(...)`` (or a pattern) to recognise the leftovers of a killed writer."""
+``name=re.escape(...)`` (or a pattern) to recognise the leftovers of a killed writer. A tagged
+temporary (``staged_file(path, tag=TAG)``) is ``.NAME.TAG.k3j_9x2a.tmp``: pass
+``name=re.escape(NAME + "." + TAG)``."""
 
 
 @contextlib.contextmanager
-def staged_file(path: str | Path) -> Iterator[tuple[BinaryIO, Path]]:
+def staged_file(path: str | Path, tag: str | None = None) -> Iterator[tuple[BinaryIO, Path]]:
     """A temporary file beside ``path``, open for binary writing, flushed and fsynced at the end
     of the block; yields ``(file, temporary path)``. On an exception the temporary is removed.
     The caller moves it into place (``os.replace``) when it chooses: several files can be
-    staged first and committed together."""
+    staged first and committed together.
+
+    ``tag`` goes into the temporary's name (``.NAME.TAG.XXXXXXXX.tmp``), so that a writer that
+    cleans up after itself can tell its own leftovers from any other program's."""
     dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    prefix = f".{dest.name}.{tag}." if tag else f".{dest.name}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=dest.parent)
     try:
         os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:

@@ -60,10 +60,8 @@ def _read(p: Path, max_pixels: int) -> LoadedImage:
         with Image.open(p) as img:
             w, h = img.size
             if w * h > max_pixels:
-                raise InputImageError(
-                    f"image {p} is {w}×{h} ({w * h / 1e6:.1f} MP), above the limit of "
-                    f"{max_pixels / 1e6:.0f} MP (raise it with --max-pixels)"
-                )
+                size, limit = _pixel_counts(w * h, max_pixels)
+                raise InputImageError(f"image {p} is {w}×{h} ({size}), above the limit of {limit} (raise it with --max-pixels)")
             sixteen_bit = _stored_with_16_bit_channels(img)  # read before load() drops the tile list
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -80,6 +78,15 @@ def _read(p: Path, max_pixels: int) -> LoadedImage:
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputImageError(f"cannot read image {p}: {str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated file'}") from None
     return LoadedImage(str(p), pixels, converted, rotated)
+
+
+def _pixel_counts(pixels: int, limit: int) -> tuple[str, str]:
+    """An image's pixel count and the limit, in words that show the one is above the other:
+    megapixels for a round limit of 1 MP or more (``3.0 MP``, ``1 MP``), exact counts otherwise
+    (``1,200 pixels``, ``1,000 pixels``), never a limit rounded to ``0 MP``."""
+    if limit >= 1_000_000 and limit % 100_000 == 0 and round(pixels / 1e6, 1) > limit / 1e6:
+        return f"{pixels / 1e6:.1f} MP", f"{limit / 1e6:g} MP"
+    return f"{pixels:,} pixels", f"{limit:,} pixels"
 
 
 def _stored_with_16_bit_channels(img: Image.Image) -> bool:

@@ -140,7 +140,7 @@ def test_output_names_are_stable_distinct_and_short(tmp_path):
     assert len({n.casefold() for n in first}) == len(first)
     for n in first:
         assert len(n.encode()) <= batch_predict.MAX_NAME_BYTES
-        assert len(f".{n}.overlay.png.abcdefgh.tmp".encode()) < 255
+        assert len(f".{n}.overlay.png.{batch_predict.TEMPORARY_TAG}.abcdefgh.tmp".encode()) < 255
 
 
 def test_an_output_never_overwrites_an_input_image(tiny_checkpoint, tmp_path):
@@ -393,27 +393,35 @@ def test_sigterm_stops_a_stdin_stream_cleanly(tiny_checkpoint, tmp_path):
 def test_the_next_run_removes_only_cores_own_leftover_temporaries(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    stale = [".photo.mask.png.k3j_9x2a.tmp", ".a__b.overlay.png.abcdefgh.tmp", ".job7.json.0123abcd.tmp"]
+    stale = [
+        ".photo.mask.png.cores-predict.k3j_9x2a.tmp",
+        ".a__b.overlay.png.cores-predict.abcdefgh.tmp",
+        ".job7.json.cores-predict.0123abcd.tmp",
+    ]
     kept = {
         "notes.txt": b"mine",
         "photo.tmp": b"mine too",
-        ".photo.mask.png.tmp": b"no random part",
-        ".photo.mask.png.abc.tmp": b"random part too short",
+        ".photo.mask.png.cores-predict.tmp": b"no random part",
+        ".photo.mask.png.cores-predict.abc.tmp": b"random part too short",
         ".thesis.docx.abcdefgh.tmp": b"another program's temporary",
-        "x.json.abcdefgh.tmp": b"not hidden",
+        "x.json.cores-predict.abcdefgh.tmp": b"not hidden",
+        # untagged: the atomic writes of other programs, and of other cores commands
+        ".keep.json.abcdefgh.tmp": b"a user's file",
+        ".res.json.k3j_9x2a.tmp": b"a cores eval -o res.json writing right now",
+        ".photo.mask.png.k3j_9x2a.tmp": b"not ours either",
     }
     for name in stale:
         (out / name).write_bytes(b"half a file")
     for name, data in kept.items():
         (out / name).write_bytes(data)
-    (out / ".dir.json.abcdefgh.tmp").mkdir()  # a folder is never removed
+    (out / ".dir.json.cores-predict.abcdefgh.tmp").mkdir()  # a folder is never removed
     img = write_image(tmp_path / "photo.png", 40, 30)
     result = run(img, "the red part", "-c", tiny_checkpoint, "-o", out, *K0)
     assert result.exit_code == 0, result.stderr
     assert "removed 3 unfinished files" in result.stderr
     assert not any((out / name).exists() for name in stale)
     assert {name: (out / name).read_bytes() for name in kept} == kept
-    assert (out / ".dir.json.abcdefgh.tmp").is_dir()
+    assert (out / ".dir.json.cores-predict.abcdefgh.tmp").is_dir()
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tiny_checkpoint, tmp_path):
@@ -432,3 +440,185 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tiny_checkpoint, tmp_path)
     assert f"{out} is in use by another cores predict" in error_lines(result)[0]
     assert list(out.iterdir()) == []
     assert run(img, "the red part", "-c", tiny_checkpoint, "-o", out, *K0).exit_code == 0  # once it is free
+
+
+# --------------------------------------------------------------------------- only our own files
+
+
+def user_png(path: Path, seed: int, text: dict[str, str] | None = None) -> bytes:
+    """A PNG of the user's (maybe with text chunks of its own); returns its bytes."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    write_image(path, 40, 30, seed=seed)
+    Image.open(path).save(path, pnginfo=info)
+    return path.read_bytes()
+
+
+REASONSEG_ANNOTATION = b'{"text": ["q"], "is_sentence": false, "shapes": []}\n'
+
+
+def test_predict_never_replaces_a_file_it_did_not_write(tiny_checkpoint, tmp_path):
+    for i, name in enumerate("abcd"):
+        write_image(tmp_path / "in" / f"{name}.png", 40 + i, 30, seed=i)
+    out = tmp_path / "out"
+    out.mkdir()
+    users = {
+        "a.mask.png": user_png(out / "a.mask.png", 7),  # a hand-drawn mask
+        "b.overlay.png": user_png(out / "b.overlay.png", 8, {"Comment": "overlay"}),
+        "c.json": REASONSEG_ANNOTATION,  # a ReasonSeg / LabelMe annotation
+    }
+    (out / "c.json").write_bytes(users["c.json"])
+    result = run(tmp_path / "in", "the red part", "-c", tiny_checkpoint, "-o", out, *K0)
+    assert result.exit_code == 1
+    errors = error_lines(result)
+    for name, file in zip("abc", users):
+        assert f"error: {tmp_path / 'in' / name}.png: would overwrite {out / file}, which cores predict did not write; move it away or choose another --out" in errors
+    assert errors[-1] == f"error: 3 of 4 items failed; 1 written to {out}"
+    assert {name: (out / name).read_bytes() for name in users} == users  # byte for byte
+    # nothing of a, b or c was written beside the user's files; d is whole
+    assert item_files(out) == {"tmp": set(), "a": {"mask"}, "b": {"overlay"}, "c": {"json"}, "d": {"mask", "overlay", "json"}}
+
+
+def test_a_reasonseg_annotation_beside_its_image_survives_predict_into_its_folder(tiny_checkpoint, tmp_path):
+    rs = tmp_path / "rs"
+    write_image(rs / "img1.jpg", 40, 30)
+    (rs / "img1.json").write_bytes(REASONSEG_ANNOTATION)
+    result = run(rs, "q", "-c", tiny_checkpoint, "-o", rs, *K0)
+    assert result.exit_code == 1
+    assert error_lines(result) == [f"error: {rs / 'img1.jpg'}: would overwrite {rs / 'img1.json'}, which cores predict did not write; move it away or choose another --out"]
+    assert (rs / "img1.json").read_bytes() == REASONSEG_ANNOTATION
+    assert sorted(p.name for p in rs.iterdir()) == ["img1.jpg", "img1.json"]
+
+
+def test_a_file_that_appears_while_the_model_runs_is_not_replaced(tiny_checkpoint, tmp_path, monkeypatch):
+    img = write_image(tmp_path / "photo.png", 40, 30)
+    out = tmp_path / "out"
+    original = Image.Image.save
+
+    def save_then_user_writes(self, fp, *args, **kwargs):
+        original(self, fp, *args, **kwargs)
+        if self.mode == "RGB":  # the overlay is staged; the user saves an annotation meanwhile
+            (out / "photo.json").write_bytes(REASONSEG_ANNOTATION)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_user_writes)
+    result = run(img, "the red part", "-c", tiny_checkpoint, "-o", out, *K0)
+    assert result.exit_code == 1
+    assert "which cores predict did not write" in error_lines(result)[0]
+    assert (out / "photo.json").read_bytes() == REASONSEG_ANNOTATION
+    assert item_files(out) == {"tmp": set(), "photo": {"json"}}
+
+
+def test_reruns_into_the_input_folder_replace_their_own_outputs_and_take_no_output_as_input(tiny_checkpoint, tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    write_image(folder / "img1.jpg", 40, 30)
+    write_image(folder / "img2.png", 30, 40, seed=1)
+    staged_names = []
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        staged_names.append(Path(src).name)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+    def predict(source, query: str) -> list[dict]:
+        result = run(source, query, "-c", tiny_checkpoint, "-o", folder, "--json", *K0)
+        assert result.exit_code == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    assert [r["id"] for r in predict(folder, "first")] == ["img1", "img2"]
+    records = predict(folder, "second")  # the earlier masks and overlays are not inputs now
+    assert [(r["id"], r["query"]) for r in records] == [("img1", "second"), ("img2", "second")]
+    assert json.loads((folder / "img1.json").read_text())["query"] == "second"
+    # a run killed between its overlay and its record left both PNGs without a record
+    (folder / "img2.json").unlink()
+    records = predict(str(folder / "*"), "third")  # a glob also leaves out records and PNGs
+    assert [(r["id"], r["query"]) for r in records] == [("img1", "third"), ("img2", "third")]
+    assert assert_only_whole_items(folder) == {"img1", "img2"}
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith((".mask.png", ".overlay.png", ".json"))) == ["img1.jpg", "img2.png"]
+    assert staged_names and all(f".{batch_predict.TEMPORARY_TAG}." in name for name in staged_names)
+
+
+def test_staged_files_can_carry_a_tag_and_untagged_names_are_unchanged(tmp_path):
+    import re
+
+    from cores_cli.fileio import TEMPORARY_PATTERN, staged_file
+
+    with staged_file(tmp_path / "x.json") as (_, plain), staged_file(tmp_path / "x.json", tag="cores-predict") as (_, tagged):
+        assert re.fullmatch(TEMPORARY_PATTERN.format(name=re.escape("x.json")), plain.name)
+        assert re.fullmatch(TEMPORARY_PATTERN.format(name=re.escape("x.json") + r"\.cores-predict"), tagged.name)
+        assert not re.fullmatch(TEMPORARY_PATTERN.format(name=re.escape("x.json")), tagged.name)
+
+
+# --------------------------------------------------------------------------- globs through links
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symbolic links")
+@pytest.mark.parametrize("links", [1, 2])
+def test_a_recursive_glob_never_loops_through_linked_folders(tmp_path, links):
+    import threading
+
+    loop = tmp_path / "loop"
+    write_image(loop / "x.jpg", 40, 30)
+    write_image(loop / "sub" / "y.jpg", 40, 30)
+    for i in range(links):
+        (loop / f"s{i}").symlink_to(".")  # each a cycle: loop/s0/s0/s0/...
+    found: list = []
+    worker = threading.Thread(target=lambda: found.append(batch_predict.jobs_from_argument(str(loop / "**" / "*.jpg"), "q")), daemon=True)
+    worker.start()
+    worker.join(HANG_GUARD_S)  # only against a hang (glob.glob never ends with two links)
+    assert found, "listing the glob did not finish"
+    assert [Path(j.image) for j in found[0]] == [loop / "sub" / "y.jpg", loop / "x.jpg"]  # each once
+    assert [j.name_parts for j in found[0]] == [("sub", "y"), ("x",)]
+
+
+# --------------------------------------------------------------------------- smaller
+
+
+def test_the_pixel_limit_message_shows_pixels_below_a_megapixel(tmp_path):
+    from cores_cli.errors import InputImageError
+    from cores_cli.images import load_image
+
+    img = write_image(tmp_path / "photo.png", 40, 30)
+    with pytest.raises(InputImageError, match=r"is 40×30 \(1,200 pixels\), above the limit of 1,000 pixels \(raise it"):
+        load_image(img, max_pixels=1000)
+
+
+def test_a_query_holding_a_model_token_is_that_items_error(tiny_checkpoint, tmp_path):
+    img = write_image(tmp_path / "photo.png", 40, 30)
+    lines = [
+        {"image": str(img), "query": "where is the [SEG]?", "id": "a"},
+        {"image": str(img), "query": "<image> the red part", "id": "b"},
+        {"image": str(img), "query": "the red part</s>"},
+        {"image": str(img), "query": "the [seg] in lower case is only text", "id": "d"},
+    ]
+    stdin = "".join(json.dumps(line) + "\n" for line in lines)
+    result = run("-", "-c", tiny_checkpoint, "-o", tmp_path / "out", "--json", *K0, input=stdin)
+    assert result.exit_code == 1
+    rest = ", a token the model reserves for itself; rephrase it without "
+    assert error_lines(result) == [
+        f"error: stdin line 1 ({img}, id 'a'): the query contains [SEG]{rest}[SEG]",
+        f"error: stdin line 2 ({img}, id 'b'): the query contains <image>{rest}<image>",
+        f"error: stdin line 3 ({img}): the query contains </s>{rest}</s>",
+        f"error: 3 of 4 items failed; 1 written to {tmp_path / 'out'}",
+    ]
+    assert assert_only_whole_items(tmp_path / "out") == {"d"}
+
+
+def test_jsonl_ids_must_be_strings_or_numbers(tiny_checkpoint, tmp_path):
+    img = write_image(tmp_path / "photo.png", 40, 30)
+    ids = [False, {"n": 1}, [1], 7, 1.5, "1.5"]
+    stdin = "".join(json.dumps({"image": str(img), "query": "the red part", "id": i}) + "\n" for i in ids)
+    result = run("-", "-c", tiny_checkpoint, "-o", tmp_path / "out", "--json", *K0, input=stdin)
+    assert result.exit_code == 1
+    assert error_lines(result) == [
+        "error: stdin line 1: id must be a string or a number",
+        "error: stdin line 2: id must be a string or a number",
+        "error: stdin line 3: id must be a string or a number",
+        "error: stdin line 6: id '1.5' was already used on line 5; give each item its own id",
+        f"error: 4 of 6 items failed; 2 written to {tmp_path / 'out'}",
+    ]
+    assert assert_only_whole_items(tmp_path / "out") == {"7", "1.5"}

@@ -53,7 +53,7 @@ def predict(
     checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory (see `cores train`); default: the tiny model shipped with cores, trained on the synthetic benchmark."),
     preset: str = typer.Option(None, "--preset", help="Build a preset with RANDOM weights instead (tiny, llava-1.5-7b, llava-1.5-13b): for smoke runs only."),
     set_: list[str] = typer.Option([], "--set", help="Override a model setting, e.g. --set prompt.in_context_k=0 (repeatable)."),
-    out: Path = typer.Option(Path("cores_out"), "--out", "-o", help="Folder for NAME.mask.png, NAME.overlay.png and NAME.json. NAME: the image's path under the folder or glob given, without suffix, folders joined by __ (a/photo.jpg -> a__photo); for stdin the id, else the stem. A name two items would share gets a short hash (photo-1a2b3c4d) on the later one."),
+    out: Path = typer.Option(Path("cores_out"), "--out", "-o", help="Folder for NAME.mask.png, NAME.overlay.png and NAME.json. NAME: the image's path under the folder or glob given, without suffix, folders joined by __ (a/photo.jpg -> a__photo); for stdin the id, else the stem. A name two items would share gets a short hash (photo-1a2b3c4d) on the later one. Only files cores predict wrote are replaced; any other file at an output name makes that item fail."),
     json_out: bool = typer.Option(False, "--json", help="Print each record as one JSON line on stdout (failed items as {\"image\", \"error\"})."),
     mode: ModeChoice = typer.Option(ModeChoice.teacher, "--mode", help="teacher: the fixed answer template, one pass (LISA's protocol). generate: the model writes its answer; falls back to the template when it emits no chain."),
     style: StyleChoice = typer.Option(StyleChoice.auto, "--query-style", help="phrase: wrapped as 'What is X in this image?'; sentence: used as written; auto: by its form."),
@@ -73,7 +73,9 @@ def predict(
       cat jobs.jsonl | cores predict - -c runs/cores-7b --json
 
     An item's NAME.json is written last, once its mask and overlay are in place: a folder never
-    holds a record without its files.
+    holds a record without its files. An existing file is replaced only if cores predict wrote
+    it (an annotation NAME.json beside the image stays as it is), and a folder's earlier outputs
+    are never taken as inputs, so --out may be the input folder.
 
     Exit status: 0 when every item succeeded, 1 when any failed (the others are still written),
     2 for a usage mistake, 130 / 143 when stopped by SIGINT / SIGTERM (the item in progress is
@@ -165,7 +167,7 @@ class _Batch:
         from ..engine.batch_predict import OutputNamer, json_text, prepare_job
 
         # a folder's or glob's files are all known up front: no output may land on one of them
-        namer = OutputNamer(self.out, [j.image for j in jobs] if total is not None else [])
+        namer = OutputNamer(self.out, [j.image for j in jobs] if total is not None else [], predictor.reserved_tokens())
         show_bar = total is None or total > 1
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, disable=not show_bar, transient=False) as bar:
             task = bar.add_task("predicting", total=total)

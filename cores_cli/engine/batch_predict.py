@@ -16,11 +16,19 @@ hash of what identifies it (``photo-1a2b3c4d``); names above :data:`MAX_NAME_BYT
 get the same kind of hash, so no item id is too long for a file name.
 
 Each item's three files are first written completely under temporary names
-(``.NAME.mask.png.XXXXXXXX.tmp``, the pattern of :mod:`cores_cli.fileio`), then renamed into place
-with the record last: ``NAME.json`` exists only when its mask and overlay are in place, so a
-pipeline that reads records never sees a partial item. An earlier run's record of the same name
-is removed before the new files move in, so it never describes a newer mask. Temporaries that a
-killed run left behind are removed by the next run in that folder.
+(``.NAME.mask.png.cores-predict.XXXXXXXX.tmp``: :mod:`cores_cli.fileio`'s pattern with our tag),
+then renamed into place with the record last: ``NAME.json`` exists only when its mask and overlay
+are in place, so a pipeline that reads records never sees a partial item. An earlier run's record
+of the same name is removed before the new files move in, so it never describes a newer mask.
+Temporaries that a killed run left behind are removed by the next run in that folder; only ours,
+told apart by the tag.
+
+An existing file is replaced only when it is provably one that ``cores predict`` wrote: our PNGs
+carry a text chunk ``cores-predict`` (``mask`` or ``overlay``), and our records are recognised by
+their shape (``outputs`` naming this NAME's three files). Anything else at an output path (a
+ReasonSeg annotation ``NAME.json``, a hand-drawn ``NAME.mask.png``) makes that item fail and stays
+byte for byte. The same marks keep earlier outputs out of a folder's or glob's inputs, so that
+``--out`` may be the input folder.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import json
 import os
 import re
 import signal
+import stat
+import struct
 import tempfile
 import threading
 import time
@@ -40,26 +50,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from ..errors import CoresError
 from ..fileio import TEMPORARY_PATTERN, OutputLocked, exclusive_directory_lock, staged_file
 from ..images import DEFAULT_MAX_PIXELS, load_image
 from ..visualize import bbox, overlay
-from .predictor import Mode, Predictor
+from .predictor import Mode, Predictor, reserved_token_in
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 OUTPUT_SUFFIXES = {"mask": ".mask.png", "overlay": ".overlay.png", "json": ".json"}
 """Each item's files, in the order they are moved into place: the record last."""
 
 MAX_NAME_BYTES = 120
-"""Longest NAME (UTF-8 bytes). With ``.overlay.png`` and a temporary's ``.….XXXXXXXX.tmp`` it
-stays well below the 255-byte file-name limit of common file systems."""
+"""Longest NAME (UTF-8 bytes). With ``.overlay.png`` and a temporary's
+``.….cores-predict.XXXXXXXX.tmp`` it stays well below the 255-byte file-name limit of common file
+systems."""
 
+TEMPORARY_TAG = "cores-predict"
+"""In the name of each temporary we write (``.NAME.json.cores-predict.k3j_9x2a.tmp``): the next
+run removes leftovers with this tag only, never another program's ``.X.json.XXXXXXXX.tmp`` (e.g.
+a ``cores eval -o`` writing into the same folder)."""
+
+MARKER_KEY = "cores-predict"
+"""The PNG text chunk that marks a mask or overlay as ours; its value is the kind."""
+
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+"""A larger ``NAME.json`` is not one of our records (they are a few kB); it is not read."""
+
+_RECORD_KEYS = {"id", "image", "query", "outputs", "model"}
 _HASH_CHARS = 8
 _GLOB_MAGIC = "*?["
-# A temporary of one of our outputs, as fileio names them: ".NAME.json.k3j_9x2a.tmp".
-_STALE_TEMPORARY = re.compile(TEMPORARY_PATTERN.format(name=r".+(?:\.mask\.png|\.overlay\.png|\.json)"))
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_STALE_TEMPORARY = re.compile(
+    TEMPORARY_PATTERN.format(name=r".+(?:\.mask\.png|\.overlay\.png|\.json)\." + re.escape(TEMPORARY_TAG))
+)
 
 
 class OutputWriteError(CoresError):
@@ -84,22 +109,74 @@ class Job:
 
 
 def jobs_from_argument(image: str, query: str | None) -> list[Job]:
-    """A file, a folder or a glob pattern, all with the same query."""
+    """A file, a folder or a glob pattern, all with the same query.
+
+    A folder's or glob's files that are outputs of an earlier ``cores predict`` (see
+    :func:`is_our_output`) are left out: rerunning with ``--out`` the input folder must not
+    predict on the earlier masks. A file named on its own is always taken.
+    """
     p = Path(image)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        found = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        files = sorted(f for f in found if not is_our_output(f))
         if not files:
-            raise CoresError(f"no images in folder {p} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            ours = f"; the {len(found)} there are outputs of cores predict" if found else ""
+            raise CoresError(f"no images in folder {p} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}){ours}")
         return [_file_job(f, p, query) for f in files]
     if not p.exists() and any(c in image for c in _GLOB_MAGIC):
-        files = sorted(Path(f) for f in glob.glob(image, recursive=True) if Path(f).is_file())
+        found = [f for f in expand_glob(image) if f.is_file()]
+        files = sorted(f for f in found if not is_our_output(f))
         if not files:
-            raise CoresError(f"no files match {image!r}")
+            ours = f"; the {len(found)} matches are outputs of cores predict" if found else ""
+            raise CoresError(f"no files match {image!r}{ours}")
         root = glob_root(image)
         return [_file_job(f, root, query) for f in files]
     if not p.exists():
         raise CoresError(f"image not found: {p}")  # before the model loads, not after
     return [_file_job(p, p.parent, query)]
+
+
+def expand_glob(pattern: str) -> set[Path]:
+    """The paths a glob matches, each once; ``**`` is any depth of real folders.
+
+    ``glob.glob(recursive=True)`` follows links to folders under ``**`` with no cycle check: a
+    link to ``.`` made it list one image 41 times, two such links never end. Here ``**`` never
+    enters a linked folder (a link the pattern names or a single ``*`` matches is still entered:
+    that depth is bounded), and, like glob, skips hidden folders.
+    """
+    parts: list[str] = []
+    for part in Path(pattern).parts:
+        if not (part == "**" and parts[-1:] == ["**"]):  # "**/**" is "**"
+            parts.append(part)
+    found = {Path(f) for f in _expand("", parts)}
+    # a trailing separator asks for folders only, as in glob (Path drops it from the parts)
+    return {f for f in found if f.is_dir()} if pattern.endswith(("/", os.sep)) else found
+
+
+def _expand(base: str, parts: list[str]) -> Iterator[str]:
+    """Matches of ``parts`` under the literal path ``base`` ("" for the current folder)."""
+    if "**" not in parts:
+        yield from glob.glob(os.path.join(glob.escape(base), *parts)) if parts else [base]
+        return
+    i = parts.index("**")
+    head, rest = parts[:i], parts[i + 1 :]
+    starts = glob.glob(os.path.join(glob.escape(base), *head)) if head else [base]
+    for start in starts:
+        for folder in _real_folders(start or os.curdir):
+            if rest:
+                yield from _expand(folder, rest)
+            else:  # "a/**": every folder and every entry in them, as glob gives it
+                yield folder
+                yield from glob.glob(os.path.join(glob.escape(folder), "*"))
+
+
+def _real_folders(top: str) -> Iterator[str]:
+    """``top`` (if it is a folder) and every folder below it, not through links, not hidden."""
+    if not os.path.isdir(top):
+        return
+    for folder, subfolders, _ in os.walk(top, followlinks=False):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        yield folder
 
 
 def glob_root(pattern: str) -> Path:
@@ -137,7 +214,12 @@ def jobs_from_jsonl(lines: Iterable[str], default_query: str | None) -> Iterator
         if query is not None and not isinstance(query, str):
             yield Job(item["image"], None, error=f"stdin line {n}: query must be a string", line=n)
             continue
-        job_id = str(item["id"]) if item.get("id") is not None else None
+        job_id = item.get("id")
+        if job_id is not None and (isinstance(job_id, bool) or not isinstance(job_id, (str, int, float))):
+            yield Job(item["image"], None, error=f"stdin line {n}: id must be a string or a number", line=n)
+            continue
+        if isinstance(job_id, (int, float)):
+            job_id = json.dumps(job_id)  # as written: 7 → "7", 1.5 → "1.5"
         yield Job(item["image"], query, id=job_id, name_parts=(Path(item["image"]).stem,), line=n)
 
 
@@ -151,23 +233,25 @@ class OutputNamer:
     (or on an image of an earlier stdin line) are refused instead of overwriting it.
     """
 
-    def __init__(self, out_dir: Path, inputs: Iterable[str] = ()) -> None:
+    def __init__(self, out_dir: Path, inputs: Iterable[str] = (), reserved_tokens: Iterable[str] = ()) -> None:
         self.out_dir = Path(out_dir)
         self.taken: set[str] = set()
         self.id_lines: dict[str, int | None] = {}
         self.inputs = {_file_key(p) for p in inputs}
+        self.reserved_tokens = tuple(reserved_tokens)
 
     def paths_for(self, job: Job) -> dict[str, Path]:
         """The item's output files by kind. Raises CoresError for an unusable job (checked
-        first, so that it takes no name), a repeated id, or an output that would overwrite an
-        input image."""
-        check_job(job)
+        first, so that it takes no name), a repeated id, an output that would overwrite an input
+        image, or one that would replace a file that cores predict did not write."""
+        check_job(job, self.reserved_tokens)
         self.inputs.add(_file_key(job.image))
         stem = self.name_for(job)
         paths = {kind: self.out_dir / f"{stem}{suffix}" for kind, suffix in OUTPUT_SUFFIXES.items()}
         for path in paths.values():
             if _file_key(path) in self.inputs:
                 raise CoresError(f"{job.image}: its output {path} would overwrite an input image; choose another --out")
+        refuse_foreign_files(job.image, paths)
         return paths
 
     def name_for(self, job: Job) -> str:
@@ -214,6 +298,76 @@ def _file_key(path: str | Path) -> str:
     return os.path.normcase(os.path.realpath(path))
 
 
+# --------------------------------------------------------------------------- what is ours
+
+
+def is_our_output(path: Path, kind: str | None = None) -> bool:
+    """Whether ``path`` is a file that cores predict wrote: a regular file (never a link, a
+    folder or a FIFO) named like one of our outputs, which is a PNG with our marker of its kind
+    or a record whose ``outputs`` name this NAME's files. ``kind`` defaults to the name's."""
+    name = Path(path).name
+    kind = kind or next((k for k, suffix in OUTPUT_SUFFIXES.items() if name.endswith(suffix)), None)
+    if kind is None or not name.endswith(OUTPUT_SUFFIXES[kind]):
+        return False
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return False
+        if kind == "json":
+            return info.st_size <= MAX_RECORD_BYTES and _is_our_record(Path(path))
+        return _png_marker(Path(path)) == kind
+    except OSError:
+        return False
+
+
+def refuse_foreign_files(image: str, paths: dict[str, Path]) -> None:
+    """Raise CoresError when an output path holds anything but one of our own files."""
+    for kind, path in paths.items():
+        if os.path.lexists(path) and not is_our_output(path, kind):
+            raise CoresError(f"{image}: would overwrite {path}, which cores predict did not write; move it away or choose another --out")
+
+
+def _png_marker(path: Path) -> str | None:
+    """The value of our text chunk, read from the chunks before the image data (where PIL puts
+    text), without decoding any pixels; None for anything else."""
+    with open(path, "rb") as fh:
+        if fh.read(8) != _PNG_SIGNATURE:
+            return None
+        while True:
+            header = fh.read(8)
+            if len(header) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", header)
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            if kind == b"tEXt" and length <= 1024:
+                key, _, value = fh.read(length).partition(b"\0")
+                if key == MARKER_KEY.encode("latin-1"):
+                    return value.decode("latin-1")
+                fh.seek(4, os.SEEK_CUR)  # the CRC
+            else:
+                fh.seek(length + 4, os.SEEK_CUR)
+
+
+def _is_our_record(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    if not isinstance(record, dict) or not _RECORD_KEYS <= record.keys() or not isinstance(record["outputs"], dict):
+        return False
+    stem = path.name[: -len(OUTPUT_SUFFIXES["json"])]
+    outputs = record["outputs"]
+    # by name only: a folder moved since still holds our records
+    return all(isinstance(outputs.get(k), str) and Path(outputs[k]).name == f"{stem}{suffix}" for k, suffix in OUTPUT_SUFFIXES.items())
+
+
+def _png_info(kind: str) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MARKER_KEY, kind)
+    return info
+
+
 # --------------------------------------------------------------------------- the output folder
 
 
@@ -239,9 +393,10 @@ def prepare_output_dir(out_dir: Path) -> None:
 def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     """Remove the temporaries of our outputs that a killed run left in ``out_dir``.
 
-    Only regular files named exactly as this module names them while writing
-    (``.NAME.mask.png.XXXXXXXX.tmp``, ``.NAME.overlay.png.….tmp``, ``.NAME.json.….tmp``) are
-    touched. Call it while holding the folder's lock, so that no live run's files are taken.
+    Only regular files named exactly as this module names them while writing, with our tag
+    (``.NAME.mask.png.cores-predict.XXXXXXXX.tmp``, ``.NAME.overlay.png.cores-predict.….tmp``,
+    ``.NAME.json.cores-predict.….tmp``) are touched. Call it while holding the folder's lock, so
+    that no live run's files are taken.
     """
     removed = []
     for entry in os.scandir(out_dir):
@@ -346,6 +501,12 @@ class StagedItem:
         """Move the files into place, the record last; on failure leave none of them."""
         placed: list[Path] = []
         try:
+            # Checked again: a file may have appeared while the model ran.
+            refuse_foreign_files(self.record.get("image", "?"), self.paths)
+        except CoresError:
+            self.discard()
+            raise
+        try:
             # An earlier run's record must not describe the new mask while the files move.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths["json"])
@@ -390,7 +551,7 @@ def prepare_job(
 ) -> StagedItem:
     """Predict one job and write its files under temporary names; :meth:`StagedItem.commit`
     puts them in place. Raises CoresError (a failed write is :class:`OutputWriteError`)."""
-    check_job(job)
+    check_job(job, predictor.reserved_tokens())
     t0 = time.perf_counter()
     img = load_image(job.image, max_pixels)
     t1 = time.perf_counter()
@@ -402,8 +563,8 @@ def prepare_job(
     staged = StagedItem(paths, {})
     try:
         # Level 1 compresses a 28 MP overlay ~5x faster than PNG's default 6, for ~20% more bytes.
-        staged.temporaries["mask"] = _write_temporary(paths["mask"], lambda fh: mask_image.save(fh, format="PNG", compress_level=1))
-        staged.temporaries["overlay"] = _write_temporary(paths["overlay"], lambda fh: overlay_image.save(fh, format="PNG", compress_level=1))
+        staged.temporaries["mask"] = _write_temporary(paths["mask"], lambda fh: mask_image.save(fh, format="PNG", compress_level=1, pnginfo=_png_info("mask")))
+        staged.temporaries["overlay"] = _write_temporary(paths["overlay"], lambda fh: overlay_image.save(fh, format="PNG", compress_level=1, pnginfo=_png_info("overlay")))
         staged.record = _record(job, stem, img, pred, paths, model_info)
         t3 = time.perf_counter()
         staged.record["timings_s"] = {
@@ -424,12 +585,18 @@ def prepare_job(
     return staged
 
 
-def check_job(job: Job) -> None:
-    """Raise CoresError for a job that cannot run whatever the image: a bad line, no query."""
+def check_job(job: Job, reserved_tokens: Iterable[str] = ()) -> None:
+    """Raise CoresError for a job that cannot run whatever the image: a bad line, no query, a
+    query holding one of the model's own tokens (``[SEG]``, ``<image>``, ``</s>``...), which
+    would break the prompt the model is given."""
     if job.error:
         raise CoresError(job.error)
     if job.query is None or not job.query.strip():
         raise CoresError(f"{job.image}: the query is empty")
+    token = reserved_token_in(job.query, reserved_tokens)
+    if token is not None:
+        where = f"stdin line {job.line} ({job.image}{f', id {job.id!r}' if job.id else ''})" if job.line else job.image
+        raise CoresError(f"{where}: the query contains {token}, a token the model reserves for itself; rephrase it without {token}")
 
 
 def _record(job: Job, stem: str, img, pred, paths: dict[str, Path], model_info: dict | None) -> dict:
@@ -473,7 +640,7 @@ def _write_temporary(dest: Path, write: Callable) -> Path:
     """Write ``dest``'s content to a temporary beside it (fsynced); returns the temporary.
     An OSError names ``dest``, not the temporary."""
     try:
-        with staged_file(dest) as (fh, tmp):
+        with staged_file(dest, tag=TEMPORARY_TAG) as (fh, tmp):
             write(fh)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(dest)) from None

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 
+from ..config import CHAIN_TOKENS
 from ..contexts import ExemplarSampler
 from ..data.conversation import ConversationEncoder
 from ..data.records import ArrayMask, QARound, QueryStyle, SegSample
 from ..data.transform import EncodedSample, SampleTransform, collate
 from ..errors import CoresError
 from ..model.cores import CoresModel, postprocess_masks
+from ..model.mllm import IMAGE_TOKEN
 
 Mode = Literal["teacher", "generate"]
 
@@ -49,6 +52,13 @@ class Prediction:
         return self.level_masks[-1]
 
 
+def reserved_token_in(query: str, tokens: Iterable[str]) -> str | None:
+    """The first of ``tokens`` that ``query`` holds, else None. The tokenizer turns such text
+    into the token itself: a ``[SEG]`` in a question would become a second chain, an
+    ``<image>`` a second image slot."""
+    return next((t for t in tokens if t and t in query), None)
+
+
 def guess_style(query: str) -> QueryStyle:
     """A question or instruction is a sentence; a few words without end punctuation a phrase."""
     q = query.strip()
@@ -71,12 +81,24 @@ class Predictor:
         self.exemplars = exemplars
         self.transform = SampleTransform(self.cfg, encoder, exemplars, model.clip_size, train=False, with_targets=False)
         self.param = next(model.parameters())
+        self._reserved: tuple[str, ...] | None = None
 
     def _fresh_exemplars(self) -> None:
         # The same exemplars for every query of a run: a prediction does not depend on what
         # was predicted before it, and reruns give the same masks.
         if self.exemplars is not None:
             self.exemplars.rng = random.Random(self.seed)
+
+    def reserved_tokens(self) -> tuple[str, ...]:
+        """Text a query must not hold: the chain tokens, ``<image>`` and the tokenizer's other
+        special tokens (``<s>``, ``</s>``, ``<unk>``...), longest first so that a message names
+        ``</s>`` rather than a shorter token inside it."""
+        if self._reserved is None:
+            tok = self.model.tokenizer
+            special = set(CHAIN_TOKENS) | {IMAGE_TOKEN} | set(getattr(tok, "all_special_tokens", []))
+            special |= {str(t) for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+            self._reserved = tuple(sorted((t for t in special if t.strip()), key=lambda t: (-len(t), t)))
+        return self._reserved
 
     def level_tokens(self) -> list[str]:
         chain = self.cfg.chain
