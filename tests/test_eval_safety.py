@@ -6,6 +6,11 @@
 - Output paths that cannot be written, or that name an input, fail in one line before the model
   loads; a write that fails after the evaluation leaves the metrics printed and exits 1.
 - The missing-image hint names the command-line option.
+- Re-test: no output lands in a folder of the dataset's files, whatever --limit, subset or
+  skip_missing leave out; chain and image tokens in a query are removed with a warning; an
+  unreadable image leaves its sample out of the metrics with a warning (--strict: exit 1 after
+  the results are kept); a dataset name is printed as written (no Rich markup); reader option
+  values are checked (types, ranges, allowed words) in one line.
 
 Names from the modules under test are imported inside the tests that need them, so each test
 fails on its own account against code that lacks them.
@@ -292,3 +297,292 @@ def test_missing_image_hint_names_the_command_line_option(tmp_path):
     result = cli("--dataset", "reasonseg:val", "--data-root", tmp_path, "--preset", "tiny", "--device", "cpu", "--opt", "skip_missing=true", "-o", out)
     assert result.exit_code == 0, result.stderr
     assert json.loads(out.read_text())["protocol"]["samples"] == 1
+
+
+# ------------------------------------------------- re-test: outputs inside the dataset (B2)
+
+
+def three_samples(root: Path) -> Path:
+    """A ReasonSeg val split of three clean 32×32 samples a, b, c; returns the split folder."""
+    d = root / SPLIT
+    for stem in ("a", "b", "c"):
+        write_reasonseg(d, stem, ["the thing"], False, [reasonseg_shape("target", _square(4, 4, 20, 20))], (32, 32))
+    return d
+
+
+def test_limit_does_not_let_an_output_replace_an_annotation_it_left_out(tmp_path):
+    d = three_samples(tmp_path)
+    annotation = d / "c.json"
+    before = annotation.read_bytes()
+    result = cli("--dataset", "reasonseg:val", "--data-root", tmp_path, "--preset", "tiny", "--device", "cpu", "--limit", "1", "-o", annotation)
+    assert annotation.read_bytes() == before  # the user's annotation, byte for byte
+    assert result.exit_code == 1 and clean_exit(result), result.stderr
+    assert str(annotation) in result.stderr.strip().splitlines()[-1]
+    assert "gIoU" not in result.stderr  # refused before evaluating
+
+
+def test_an_output_over_an_annotation_that_skip_missing_leaves_out_is_refused(tmp_path):
+    d = three_samples(tmp_path)
+    orphan = write_reasonseg(d, "orphan", ["no image for this one"], False, [reasonseg_shape("target", _square(4, 4, 20, 20))])
+    before = orphan.read_bytes()
+    result = cli("--dataset", "reasonseg:val", "--data-root", tmp_path, "--preset", "tiny", "--device", "cpu", "--opt", "skip_missing=true", "-o", orphan)
+    assert orphan.read_bytes() == before
+    assert result.exit_code == 1 and clean_exit(result), result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"--output {orphan} lies in" in last and "a folder of the dataset's files" in last
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["-o", "{split}/results.json"], "--output"),
+        (["-o", "{tmp}/r.json", "--per-sample", "{split}/per_target.jsonl"], "--per-sample"),
+        (["-o", "{tmp}/r.json", "--save-vis", "1", "--vis-dir", "{split}"], "--vis-dir"),
+        (["-o", "{tmp}/r.json", "--save-vis", "1", "--vis-dir", "{tmp}/reason_seg/worst"], "--vis-dir"),
+    ],
+)
+def test_no_output_may_be_written_into_a_dataset_folder(tmp_path, no_model, args, flag):
+    """A new file there could replace a dataset file, or be read as an annotation next time."""
+    d = three_samples(tmp_path)
+    before = sorted(p.name for p in d.iterdir())
+    fill = lambda s: s.format(split=d, tmp=tmp_path)  # noqa: E731
+    result = cli("--dataset", "reasonseg:val", "--data-root", tmp_path, "--preset", "tiny", *map(fill, args))
+    assert result.exit_code == 1 and clean_exit(result), result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {flag} ") and "a folder of the dataset's files; write the results elsewhere" in last
+    assert sorted(p.name for p in d.iterdir()) == before
+
+
+def test_a_reasonpart_folder_takes_no_output(tmp_path, no_model):
+    # a JSON beside the split folders would make the next `cores eval reasonpart:DIR` read DIR as a split
+    out_dir = tmp_path / "rp"
+    write_reasonseg(out_dir / "pascalpart", "x", ["Which part is it?"], True, [reasonseg_shape("target", _square(4, 4, 20, 20))], (32, 32))
+    result = cli("--dataset", f"reasonpart:{out_dir}", "--preset", "tiny", "-o", out_dir / "results.json")
+    assert result.exit_code == 1 and clean_exit(result), result.stderr
+    assert "a folder of the dataset's files" in result.stderr
+    assert not (out_dir / "results.json").exists()
+
+
+def test_results_beside_the_dataset_in_the_data_root_are_still_written(tmp_path, monkeypatch):
+    three_samples(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = cli("--dataset", "reasonseg:val", "--data-root", ".", "--preset", "tiny", "--device", "cpu", "-o", "results.json", "--save-vis", "1")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["protocol"]["samples"] == 3
+    assert len(list((tmp_path / "results_worst").glob("*.png"))) == 1
+
+
+# ---------------------------------------------------- re-test: special tokens in queries (B3)
+
+
+def test_special_tokens_in_a_query_are_removed_warned_and_the_sample_scored(tmp_path):
+    d = three_samples(tmp_path)
+    write_reasonseg(d, "z_chain", ["x [SEG] y"], False, [reasonseg_shape("target", _square(4, 4, 20, 20))], (32, 32))
+    write_reasonseg(d, "z_image", ["<image> the [LOC] thing </s>"], True, [reasonseg_shape("target", _square(4, 4, 20, 20))], (32, 32))
+    out = tmp_path / "res.json"
+    result = cli("--dataset", "reasonseg:val", "--data-root", tmp_path, "--preset", "tiny", "--device", "cpu", "--batch-size", "1", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["metrics"]["n"] == 5  # every sample scored
+    assert data["warnings"]["sample_ids"] == {"special_token_in_query": ["reasonseg/val/z_chain", "reasonseg/val/z_image"]}
+    assert "special_token_in_query: reasonseg/val/z_chain, reasonseg/val/z_image" in result.stderr
+    queries = {r["sample_id"]: r for r in map(json.loads, (tmp_path / "res.samples.jsonl").read_text().splitlines())}
+    assert queries["reasonseg/val/z_chain"]["query"] == "x y"
+    assert queries["reasonseg/val/z_image"]["query"] == "the thing"
+    assert queries["reasonseg/val/z_image"]["warnings"] == ["special_token_in_query"]
+
+
+def test_strict_refuses_a_query_with_special_tokens(tmp_path, no_model):
+    d = three_samples(tmp_path)
+    write_reasonseg(d, "z_chain", ["[SEG]"], False, [reasonseg_shape("target", _square(4, 4, 20, 20))], (32, 32))
+    result = cli("--dataset", "reasonseg:val", "--data-root", tmp_path, "--preset", "tiny", "--strict")
+    assert result.exit_code == 1 and clean_exit(result), result.stderr
+    assert "special_token_in_query 1" in result.stderr.strip().splitlines()[-1]
+    assert "blank_query: reasonseg/val/z_chain" in result.stderr  # nothing is left of that query
+
+
+def test_every_special_token_is_removed_from_queries_of_any_reader():
+    from cores_cli.data.records import QARound, SegSample, warning_kind
+    from cores_cli.data.registry import QUERY_SPECIAL_TOKENS, without_special_tokens
+    from cores_cli.model.mllm import TINY_SPECIAL_TOKENS
+
+    assert {"[LOC]", "[POS]", "[SEG]", *TINY_SPECIAL_TOKENS} <= set(QUERY_SPECIAL_TOKENS)
+    text = "a " + " b ".join(QUERY_SPECIAL_TOKENS) + " c"
+    sample = SegSample("refcoco/x", "x.jpg", (QARound("clean", None), QARound(text, None, "phrase", "cat")), "refcoco", {"warnings": []})
+    cleaned = without_special_tokens(sample)
+    assert [r.query for r in cleaned.rounds] == ["clean", "a" + " b" * (len(QUERY_SPECIAL_TOKENS) - 1) + " c"]
+    assert cleaned.rounds[1].class_name == "cat" and cleaned.rounds[1].style == "phrase"
+    assert [warning_kind(w) for w in cleaned.meta["warnings"]] == ["special_token_in_query"]
+    assert "query 1" in cleaned.meta["warnings"][0]
+    assert sample.rounds[1].query == text  # the reader's record is left as it was
+
+
+# -------------------------------------------------------- re-test: unreadable images (B4)
+
+
+def truncate(path: Path) -> None:
+    """Keep the header and cut the body: readers, which look at headers, still see an image."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("mode", [[], ["--generate"]], ids=["teacher", "generate"])
+def test_an_unreadable_image_is_left_out_and_reported(tmp_path, mode):
+    d = three_samples(tmp_path)
+    truncate(d / "c.jpg")
+    out = tmp_path / "res.json"
+    result = cli("--dataset", "reasonseg:val", "--data-root", tmp_path, "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "-o", out, "--json", *mode)
+    assert result.exit_code == 0 and clean_exit(result), result.stderr
+    data = json.loads(out.read_text())
+    assert data["metrics"]["n"] == 2 and data["protocol"]["left_out"] == 1 and data["protocol"]["samples"] == 3
+    assert data["warnings"]["sample_ids"] == {"unreadable_image": ["reasonseg/val/c"]}
+    (message,) = data["warnings"]["messages"]["reasonseg/val/c"]
+    assert "c.jpg" in message and "truncated" in message and "left out of the metrics" in message
+    assert json.loads(result.stdout)["warnings"] == data["warnings"]
+    records = [json.loads(li) for li in (tmp_path / "res.samples.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in records] == ["reasonseg/val/a", "reasonseg/val/b"]
+    assert "gIoU" in result.stderr and "1 of 3 samples left out of the metrics" in result.stderr
+    assert "unreadable_image: reasonseg/val/c" in result.stderr
+
+
+def test_strict_fails_on_an_unreadable_image_after_keeping_the_results(tmp_path):
+    d = three_samples(tmp_path)
+    truncate(d / "a.jpg")
+    out = tmp_path / "res.json"
+    result = cli("--dataset", "reasonseg:val", "--data-root", tmp_path, "--preset", "tiny", "--device", "cpu", "-o", out, "--strict")
+    assert result.exit_code == 1 and clean_exit(result), result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --strict: 1 of 3 samples were left out of the metrics") and "reasonseg/val/a" in last
+    assert "gIoU" in result.stderr  # the metrics came first
+    data = json.loads(out.read_text())  # and were written, the left-out sample named
+    assert data["metrics"]["n"] == 2 and data["warnings"]["counts"] == {"unreadable_image": 1}
+
+
+# ------------------------------------------------- re-test: Rich markup in the dataset (B5)
+
+
+@pytest.mark.parametrize("folder", ["[/x]", ":train:[bold]"])
+def test_a_dataset_name_with_markup_is_printed_as_written(tmp_path, monkeypatch, folder):
+    monkeypatch.chdir(tmp_path)
+    write_reasonseg(tmp_path / "rp" / folder, "x", ["Which part is it?"], True, [reasonseg_shape("target", _square(4, 4, 20, 20))], (32, 32))
+    name = f"reasonpart:rp/{folder}"
+    result = cli("--dataset", name, "--preset", "tiny", "--device", "cpu", "-o", "res.json")
+    assert result.exit_code == 0 and clean_exit(result), result.stderr
+    assert f"evaluating {name}" in result.stderr
+    assert json.loads((tmp_path / "res.json").read_text())["metrics"]["n"] == 1
+
+
+# ------------------------------------------------- re-test: reader option values (B7)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"n": "abc"}, "option n must be an integer ≥ 1; got 'abc'"),
+        ({"n": [1]}, "option n must be an integer ≥ 1; got [1]"),
+        ({"n": 2.9}, "option n must be an integer ≥ 1; got 2.9"),
+        ({"n": True}, "option n must be an integer ≥ 1; got True"),
+        ({"queries": "bogus"}, "option queries must be one of first, all; got 'bogus'"),
+        ({"subset": "bogus"}, "option subset must be one of short, long; got 'bogus'"),
+        ({"rounds_per_sample": -1}, "option rounds_per_sample must be an integer ≥ 1; got -1"),
+        ({"n_texts": 9}, "option n_texts must be an integer from 1 to 3; got 9"),
+        ({"seed": -1}, "option seed must be an integer ≥ 0; got -1"),
+    ],
+)
+def test_synthetic_option_values_are_checked(options, message):
+    from cores_cli.data.registry import load_samples
+    from cores_cli.errors import CoresError
+
+    with pytest.raises(CoresError) as e:
+        load_samples("synthetic:val", None, **options)
+    assert str(e.value) == f"synthetic:val: {message}"
+
+
+@pytest.mark.parametrize("options", [{"skip_missing": "maybe"}, {"skip_missing": 1}, {"rounds_per_sample": 0}, {"queries": ["first"]}])
+def test_reasonseg_and_reasonpart_option_values_are_checked(tmp_path, options):
+    from cores_cli.data.reasonseg import read_split_dir
+    from cores_cli.data.registry import load_samples
+    from cores_cli.errors import CoresError
+
+    d = three_samples(tmp_path)
+    key = next(iter(options))
+    for call in (lambda: load_samples("reasonseg:val", tmp_path, **options), lambda: load_samples(f"reasonpart:{d}", **options), lambda: read_split_dir(d, **options)):
+        with pytest.raises(CoresError, match=f"{key} must be "):
+            call()
+
+
+def test_synthetic_reader_checks_its_own_arguments():
+    from cores_cli.data.synthetic import load_synthetic
+    from cores_cli.errors import CoresError
+
+    for bad, word in (({"n": "abc"}, "n must be an integer"), ({"n": 2.9}, "n must be an integer"), ({"subset": "bogus"}, "subset must be"), ({"queries": "x"}, "queries must be")):
+        with pytest.raises(CoresError, match=word):
+            load_synthetic("val", **bad)
+
+
+@pytest.mark.parametrize("opt", ["n=abc", "n=[1]", "n=2.9", "subset=bogus"])
+def test_bad_option_values_on_the_command_line_are_one_line(no_model, opt):
+    result = cli("--dataset", "synthetic:val", "--opt", opt, "--preset", "tiny")
+    assert result.exit_code == 1 and clean_exit(result), result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: synthetic:val: option {opt.split('=')[0]} must be ")
+
+
+def test_valid_option_values_still_work():
+    from cores_cli.data.registry import load_samples
+
+    assert len(load_samples("synthetic:val", None, n=4, seed=3, n_texts=2, queries="all", rounds_per_sample=1)) == 8
+
+
+# ------------------------------------------------------------------ re-test: minor
+
+
+def test_a_text_that_is_one_string_is_warned_and_used_as_the_query(tmp_path):
+    from cores_cli.data.reasonseg import read_split_dir
+    from cores_cli.data.records import warning_kind
+
+    d = tmp_path / "split"
+    p = write_reasonseg(d, "s", ["placeholder"], False, [reasonseg_shape("target", _square(0, 0, 4, 4))], (8, 8))
+    anno = json.loads(p.read_text())
+    anno["text"] = "the red cup"
+    p.write_text(json.dumps(anno))
+    (s,) = read_split_dir(d)
+    assert s.rounds[0].query == "the red cup"
+    assert [warning_kind(w) for w in s.meta["warnings"]] == ["text_not_list"]
+
+
+@pytest.mark.slow
+def test_two_processes_gather_unreadable_images_and_strict_exits_1_without_a_traceback(tmp_path):
+    d = three_samples(tmp_path)
+    write_reasonseg(d, "d", ["the thing"], False, [reasonseg_shape("target", _square(4, 4, 20, 20))], (32, 32))
+    truncate(d / "b.jpg")  # sample 1 of 4: the second process's
+    out = tmp_path / "two.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cores_cli", "eval", "--dataset", "reasonseg:val", "--data-root", str(tmp_path), "--preset", "tiny", "--device", "cpu", "--gpus", "2", "--batch-size", "1", "--strict", "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
+    errors = [li for li in done.stderr.splitlines() if li.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --strict: 1 of 4 samples were left out of the metrics") and "reasonseg/val/b" in errors[0]
+    data = json.loads(out.read_text())
+    assert data["protocol"]["processes"] == 2 and data["metrics"]["n"] == 3 and data["protocol"]["left_out"] == 1
+    assert data["warnings"]["sample_ids"] == {"unreadable_image": ["reasonseg/val/b"]}
+    # rank 0's bar counts its own share, and says so
+    assert "evaluating reasonseg:val (process 1 of 2, its share)" in done.stderr
+
+
+def test_nothing_readable_is_an_error_not_empty_metrics(tmp_path):
+    d = tmp_path / SPLIT
+    write_reasonseg(d, "only", ["the thing"], False, [reasonseg_shape("target", _square(4, 4, 20, 20))], (32, 32))
+    truncate(d / "only.jpg")
+    out = tmp_path / "res.json"
+    result = cli("--dataset", "reasonseg:val", "--data-root", tmp_path, "--preset", "tiny", "--device", "cpu", "-o", out)
+    assert result.exit_code == 1 and clean_exit(result), result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: none of the 1 samples could be evaluated") and "only.jpg" in last
+    assert not out.exists()

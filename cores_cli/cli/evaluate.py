@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import typer
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from ..errors import CoresError
 from ..runtime import resolve_device, resolve_dtype
-from .common import clean_errors, err_console, stdout_line, warn
+from .common import clean_errors, err_console, fail, stdout_line, warn
 
 
 def _reader_options(opts: list[str], queries: str | None) -> dict:
@@ -30,12 +31,22 @@ def _reader_options(opts: list[str], queries: str | None) -> dict:
     return out
 
 
+_STATUS_ENV = "CORES_EVAL_STATUS_FILE"
+"""Set by :func:`_relaunch`: where rank 0 leaves the exit status of an error it met after the
+evaluation, which it reports itself and then exits 0."""
+
+
 def _relaunch(gpus: int, argv: list[str]) -> int:
     """Run this same command in ``gpus`` processes through torchrun (one per GPU, or CPU
-    processes with gloo when there is no GPU)."""
+    processes with gloo when there is no GPU); their exit status."""
     args = [a for i, a in enumerate(argv) if a != "--gpus" and (i == 0 or argv[i - 1] != "--gpus") and not a.startswith("--gpus=")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "cores_cli", *args]
-    return subprocess.call(cmd)
+    with tempfile.TemporaryDirectory(prefix="cores-eval-") as tmp:
+        status = Path(tmp) / "status"
+        code = subprocess.call(cmd, env={**os.environ, _STATUS_ENV: str(status)})
+        if code == 0 and status.is_file():
+            code = int(status.read_text(encoding="utf-8").strip() or "1")
+    return code
 
 
 @clean_errors
@@ -55,7 +66,7 @@ def evaluate(
     save_vis: int = typer.Option(0, "--save-vis", min=0, help="Save overlays of the N lowest-IoU targets."),
     vis_dir: Path = typer.Option(None, "--vis-dir", help="Folder for --save-vis (default: beside OUTPUT)."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics, protocol and reader warnings as one JSON object on stdout."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse to evaluate (exit 1, before the model loads) when any sample has a reader warning: a shape outside the image, no target polygon, a blank query, ..."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse to evaluate (exit 1, before the model loads) when any sample has a reader warning: a shape outside the image, no target polygon, a blank query, ...; exit 1 after evaluating when an image turns out unreadable."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Processes to evaluate in (one per GPU; CPU processes when there is no GPU), via torchrun."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
@@ -74,7 +85,8 @@ def evaluate(
     Each query is asked on its own (LISA's protocol); ReasonSeg val/test use the first query of
     each image unless --queries all. Target pixels marked ignore (255) count in neither
     intersection nor union. Samples whose annotation the reader had to warn about (listed on
-    stderr and in the results JSON) are scored as read unless --strict.
+    stderr and in the results JSON) are scored as read unless --strict; a sample whose image
+    cannot be decoded is left out of the metrics and listed the same way.
     """
     from ..engine.eval_run import EvalRequest, check_outputs, compute_eval, init_distributed_from_env
     from ..engine.loading import load_for_inference
@@ -106,14 +118,18 @@ def evaluate(
     dev = init_distributed_from_env(device) or resolve_device(device)
     joined = joined and torch_dist.is_initialized()
     main = int(os.environ.get("RANK", "0")) == 0
-    samples, summary = _read_and_check(req, checkpoint, report=main)
+    samples, _ = _read_and_check(req, checkpoint, report=main)
     loaded = load_for_inference(checkpoint, preset, list(set_), dev, resolve_dtype(dtype, dev), seed)
     if loaded.random_weights and main:
         warn(f"{loaded.source}: the numbers only exercise the protocol")
 
-    with Progress(TextColumn("evaluating {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not main) as bar:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # the dataset name is the user's text: printed as written, never read as Rich markup
+    with Progress(TextColumn("evaluating {task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not main) as bar:
         def factory(total: int):
-            task = bar.add_task(dataset, total=total)
+            # the bar counts this process's share; say so when the others' are not in it
+            label = dataset if world <= 1 else f"{dataset} (process 1 of {world}, its share)"
+            task = bar.add_task(label, total=total)
             return lambda n: bar.advance(task, n)
 
         run = compute_eval(req, loaded, samples, factory)
@@ -123,24 +139,50 @@ def evaluate(
         torch_dist.destroy_process_group()
     if not main:
         return
+    status_file = os.environ.get(_STATUS_ENV)
+    try:
+        _report_and_write(req, loaded, run, json_out)
+    except CoresError as e:
+        if not status_file:
+            raise
+        # under our own launcher a worker's exit 1 makes torchrun print a traceback of its own:
+        # the error is one line here, and the status goes to the launching process
+        fail(str(e))
+        Path(status_file).write_text("1", encoding="utf-8")
+
+
+def _report_and_write(req, loaded, run, json_out: bool) -> None:
+    """Rank 0 after evaluating: the numbers, the warnings, the files; errors last."""
+    from ..engine.eval_run import refuse_left_out
+
+    if len(run.left_out) == len(run.samples):
+        first, why = next(iter(run.left_out.items()))
+        raise CoresError(f"none of the {len(run.samples)} samples could be evaluated, no image could be read (the first: {first}: {why})")
     # the numbers are shown before any file is written, so a failed write loses nothing
     if json_out:
-        stdout_line(json.dumps({"dataset": dataset, "protocol": run.protocol, "metrics": run.result.metrics, "warnings": run.warnings}))
+        stdout_line(json.dumps({"dataset": req.dataset, "protocol": run.protocol, "metrics": run.result.metrics, "warnings": run.warnings}))
     _print_table(run.result.metrics, run.protocol, loaded.source)
-    if summary.affected:
-        err_console.print(f"  reader warnings: {summary.headline()}; listed above" + (" and in the results JSON" if output else ""), markup=False, highlight=False)
+    if run.left_out:
+        _print_left_out(run, req.strict)
+    if run.summary is not None and run.summary.affected:
+        err_console.print(f"  reader warnings: {run.summary.headline()}; listed above" + (" and in the results JSON" if req.output else ""), markup=False, highlight=False)
     written = _write_or_keep(req, loaded, run, json_out)
     if written:
         err_console.print("wrote " + _describe_written(written), markup=False, highlight=False)
+    if req.strict:
+        refuse_left_out(run)
 
 
 def _read_and_check(req, checkpoint: Path | None, report: bool):
     """The samples and their warning summary, after the checks that need them: no output may
-    be an input, and ``--strict`` refuses warned samples. ``report`` prints the warnings."""
-    from ..engine.eval_run import WarningSummary, check_outputs, input_files, load_eval_samples, refuse_warnings
+    be an input or lie in a folder of the dataset, and ``--strict`` refuses warned samples.
+    ``report`` prints the warnings."""
+    from ..engine.eval_run import WarningSummary, check_outputs, input_files, limit_samples, protected_folders, read_samples, refuse_warnings
 
-    samples = load_eval_samples(req)
-    check_outputs(req, input_files(req, samples, checkpoint))
+    # inputs are listed from every sample read, before --limit cuts the list
+    everything = read_samples(req)
+    samples = limit_samples(req, everything)
+    check_outputs(req, input_files(req, everything, checkpoint), protected_folders(req, everything))
     summary = WarningSummary.of(samples)
     if report:
         _print_warnings(summary, req.strict)
@@ -172,6 +214,15 @@ def _print_warnings(summary, strict: bool) -> None:
             err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+def _print_left_out(run, strict: bool) -> None:
+    """Samples found unreadable while evaluating: after the table, since only now are they known."""
+    n = len(run.left_out)
+    fate = "--strict fails the run once the results are written" if strict else "the metrics are over the other samples"
+    warn(f"{n} of {len(run.samples)} samples left out of the metrics, their image could not be read; {fate}")
+    for line in run.summary.lines(strict, kinds=("unreadable_image",))[1:]:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def _describe_written(written: list[Path]) -> str:
     files = [str(p) for p in written if p.suffix != ".png"]
     pngs = [p for p in written if p.suffix == ".png"]
@@ -196,5 +247,7 @@ def _print_table(metrics: dict, proto: dict, source: str) -> None:
     if metrics.get("miou") is not None:
         table.add_row("mIoU", fmt(metrics["miou"]), "")
     err_console.print(table)
-    for key in ("what", "mode", "samples", "in_context_k", "chain", "threshold", "processes", "seed"):
+    for key in ("what", "mode", "samples", "left_out", "in_context_k", "chain", "threshold", "processes", "seed"):
+        if key == "left_out" and not proto.get(key):
+            continue
         err_console.print(f"  {key}: {proto[key]}", markup=False, highlight=False)

@@ -78,12 +78,16 @@ def parse_reasonseg_file(
         if key not in anno:
             raise CoresError(f"{what}: {json_path} has no key {key!r}")
     texts = anno["text"]
+    text_warnings: list[str] = []
     if isinstance(texts, str):
+        # LISA indexes the text as a list, and would take the string's first character as the query
+        text_warnings.append(ReaderWarning("text_not_list", "'text' is a string, not a list of queries: used as the one query"))
         texts = [texts]
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise CoresError(f"{what}: {json_path} key 'text' must be a non-empty list of strings")
     is_sentence = bool(anno["is_sentence"])
     shapes, warnings = parse_labelme_shapes(anno["shapes"])
+    warnings = text_warnings + warnings
     meta: dict[str, Any] = {"json": str(json_path), "is_sentence": is_sentence, "num_texts": len(texts)}
     if image_path is not None:
         size = upright_size(image_path)
@@ -137,6 +141,11 @@ def read_split_dir(
         raise CoresError(f"queries must be 'first' or 'all', got {queries!r}")
     if subset not in (None, "short", "long"):
         raise CoresError(f"subset must be 'short' or 'long', got {subset!r}")
+    if rounds_per_sample is not None and (isinstance(rounds_per_sample, bool) or not isinstance(rounds_per_sample, int) or rounds_per_sample < 1):
+        raise CoresError(f"rounds_per_sample must be an integer ≥ 1, got {rounds_per_sample!r}")
+    if not isinstance(skip_missing, bool):
+        # a word like "maybe" is truthy: it must not turn the option on
+        raise CoresError(f"skip_missing must be true or false, got {skip_missing!r}")
     directory = require_dir(Path(directory), f"{dataset} split")
     jsons = sorted(p for p in directory.iterdir() if p.suffix == ".json" and p.is_file())
     if not jsons:

@@ -34,12 +34,15 @@ WARNING_KINDS: dict[str, str] = {
     "shape_beyond_image": "a shape reaches well beyond the image (drawn for a larger image?): clipped",
     "no_target": "no target polygon: the target mask is empty",
     "blank_query": "a query (sentence) is blank",
+    "text_not_list": "the annotation's 'text' is one string, not a list: used as the one query (LISA would read its first character)",
+    "special_token_in_query": "a query holds a chain or image token ([SEG], <image>, ...): removed from the text, which is scored",
     "bad_polygon": "a COCO polygon is malformed: skipped",
     "bad_rle": "a COCO RLE is malformed: skipped",
     "unsupported_segmentation": "a COCO segmentation of an unsupported type: empty mask",
     "unknown_annotation": "a ref names an annotation that is not in instances.json: ref skipped",
     "no_valid_segmentation": "a class of the image has no usable segmentation: its round is left out",
     "size_mismatch": "the annotation was made for another image size: masks resized",
+    "unreadable_image": "the image could not be decoded while evaluating (corrupt, truncated, gone): the sample is left out of the metrics",
     "other": "a warning a reader gave without a kind",
 }
 """Every kind of reader warning, with what it means for the sample."""

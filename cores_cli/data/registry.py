@@ -20,27 +20,41 @@ folder of ``cores make-reasonpart`` (or one split folder inside it); everything 
 
 Options (``**opts``) go to the reader; an option the reader does not take is an error that
 lists those it does, and options whose value is None are dropped (so a CLI can pass its
-unset flags through). Common ones: ``rounds_per_sample`` (default 3 on ``train``, all on eval
-splits), ``skip_missing`` (leave out samples whose image is missing instead of failing).
-On the command line they are ``cores eval --opt key=value`` (``--opt skip_missing=true``); in a
-training recipe, a dataset's ``options: {key: value}``.
+unset flags through). Every value is checked before the reader runs (:data:`OPTION_RULES`:
+types, ranges, allowed words; a flag must be a real boolean, a count a real integer), with a
+one-line error naming the option and what it takes. Common ones: ``rounds_per_sample`` (default
+3 on ``train``, all on eval splits), ``skip_missing`` (leave out samples whose image is missing
+instead of failing). On the command line they are ``cores eval --opt key=value`` (``--opt
+skip_missing=true``); in a training recipe, a dataset's ``options: {key: value}``.
+
+Query text never holds the model's own tokens (:data:`QUERY_SPECIAL_TOKENS`: ``[SEG]``,
+``<image>``, ``</s>``, ...): the tokenizer would read them as those tokens (a chain the answer
+does not carry, an image placeholder too many), so :func:`load_samples` removes them from every
+reader's queries and records a ``special_token_in_query`` warning.
+
+:func:`dataset_folders` names the folders that hold a dataset's files, so that a command can
+refuse to write into them.
 """
 
 from __future__ import annotations
 
+import numbers
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import CHAIN_TOKENS
+from ..contexts import SPECIAL_TOKENS
 from ..errors import CoresError
 from .parts import PART_SPLITS, load_parts
 from .reasonpart import load_reasonpart
 from .reasonseg import load_reasonseg
-from .records import SegSample
+from .records import ReaderWarning, SegSample
 from .refer import DEFAULT_SPLIT_BY, REFER_DATASETS, REFER_SPLITS, load_refer
 from .semantic import SPLIT_FOLDERS, load_semantic
-from .synthetic import SPLIT_IDS, load_synthetic
+from .synthetic import MAX_TEXTS, SPLIT_IDS, load_synthetic
 
 ALIASES = {"paco_lvis": "pacolvis", "paco": "pacolvis", "pascal_part": "pascalpart", "reason_seg": "reasonseg"}
 
@@ -68,6 +82,73 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "synthetic": ("n", "seed", "image_size", "n_texts", "queries", "subset", "rounds_per_sample"),
     "reasonpart": ("queries", "subset", "rounds_per_sample", "skip_missing"),
 }
+
+
+@dataclass(frozen=True)
+class OptionRule:
+    """What values one reader option takes: ``accepts(value)`` and the words for the error."""
+
+    accepts: Callable[[Any], bool]
+    takes: str
+
+
+def _integer(low: int | None = None, high: int | None = None) -> OptionRule:
+    def accepts(v: Any) -> bool:
+        # bool is an int in Python, and 2.9 must not become 2: only true integers count
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            return False
+        return (low is None or v >= low) and (high is None or v <= high)
+
+    if low is not None and high is not None:
+        takes = f"an integer from {low} to {high}"
+    elif low is not None:
+        takes = f"an integer ≥ {low}"
+    else:
+        takes = "an integer"
+    return OptionRule(accepts, takes)
+
+
+def _one_of(*words: str) -> OptionRule:
+    return OptionRule(lambda v: isinstance(v, str) and v in words, "one of " + ", ".join(words))
+
+
+def _is_path(v: Any) -> bool:
+    return isinstance(v, os.PathLike) or (isinstance(v, str) and bool(v.strip()))
+
+
+def _is_folder_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip()) and Path(v).name == v and v not in (".", "..")
+
+
+_FLAG = OptionRule(lambda v: isinstance(v, bool), "true or false")
+
+OPTION_RULES: dict[str, OptionRule] = {
+    "queries": _one_of("first", "all"),
+    "subset": _one_of("short", "long"),
+    "rounds_per_sample": _integer(1),
+    "skip_missing": _FLAG,
+    "shuffle_seed": _integer(),
+    "folder": OptionRule(_is_folder_name, "the name of a folder beside ReasonSeg under {root}/reason_seg (e.g. ReasonSeg)"),
+    "classes_file": OptionRule(_is_path, "the path of a file"),
+    "cache": _FLAG,
+    "cache_dir": OptionRule(_is_path, "the path of a folder"),
+    "workers": _integer(1),
+    "progress": OptionRule(callable, "a function (Python callers only)"),
+    "instance_masks": _FLAG,
+    "n": _integer(1),
+    "seed": _integer(0),
+    "image_size": _integer(32),
+    "n_texts": _integer(1, MAX_TEXTS),
+}
+"""The values each reader option takes (every option of :data:`_OPTIONS` has a rule)."""
+
+
+def check_options(spec: DatasetName, opts: dict[str, Any]) -> None:
+    """A :class:`CoresError` naming the first option whose value its rule refuses."""
+    for key, value in opts.items():
+        rule = OPTION_RULES[key]
+        if not rule.accepts(value):
+            raise CoresError(f"{spec}: option {key} must be {rule.takes}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -148,6 +229,7 @@ def load_samples(name: str, data_root: Path | str | None = None, **opts: Any) ->
         if opts.get("subset", spec.subset) != spec.subset:
             raise CoresError(f"{spec}: the name says subset {spec.subset!r} but the options say {opts['subset']!r}")
         opts["subset"] = spec.subset
+    check_options(spec, opts)
     if spec.needs_data_root and data_root is None:
         raise CoresError(f"{spec} needs a data root (--data-root): the folder holding its files in LISA's layout")
     root = Path(data_root) if data_root is not None else None
@@ -159,7 +241,68 @@ def load_samples(name: str, data_root: Path | str | None = None, **opts: Any) ->
         "synthetic": lambda: load_synthetic(spec.split, **opts),
         "reasonpart": lambda: load_reasonpart(spec.split, **opts),
     }
-    return readers[spec.family]()
+    return [without_special_tokens(s) for s in readers[spec.family]()]
+
+
+TOKENIZER_MARKERS = ("<s>", "</s>", "<unk>", "<pad>")
+"""The LLaVA (Llama) tokenizer's own special tokens, which the tiny tokenizer shares; ``</s>``
+ends a round of the conversation."""
+
+QUERY_SPECIAL_TOKENS: tuple[str, ...] = tuple(dict.fromkeys((*CHAIN_TOKENS, *SPECIAL_TOKENS, *TOKENIZER_MARKERS)))
+"""Text no query may hold: the chain tokens, the image placeholder and the tokenizer's markers."""
+
+
+def without_special_tokens(sample: SegSample) -> SegSample:
+    """``sample`` with :data:`QUERY_SPECIAL_TOKENS` removed from its queries, each removal a
+    ``special_token_in_query`` warning (a query with nothing else left also gets ``blank_query``)."""
+    rounds, found_warnings = [], []
+    for i, rnd in enumerate(sample.rounds):
+        found = [t for t in QUERY_SPECIAL_TOKENS if t in rnd.query]
+        if not found:
+            rounds.append(rnd)
+            continue
+        text = rnd.query
+        for token in found:
+            text = text.replace(token, " ")
+        text = " ".join(text.split())
+        found_warnings.append(ReaderWarning("special_token_in_query", f"query {i} {rnd.query!r} holds {' '.join(found)}: removed, the model would read it as its own token"))
+        if not text:
+            found_warnings.append(ReaderWarning("blank_query", f"query {i} is blank once its special tokens are removed"))
+        rounds.append(replace(rnd, query=text))
+    if not found_warnings:
+        return sample
+    meta = {**sample.meta, "warnings": [*sample.meta.get("warnings", ()), *found_warnings]}
+    return replace(sample, rounds=tuple(rounds), meta=meta)
+
+
+_DATASET_FOLDERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "ade20k": (("ade20k",),),
+    "cocostuff": (("cocostuff",), ("coco",)),
+    "mapillary": (("mapillary",),),
+    "pacolvis": (("vlpart", "paco"), ("coco",)),
+    "pascalpart": (("vlpart", "pascal_part"),),
+    "partimagenet": (("vlpart", "partimagenet"),),
+}
+
+
+def dataset_folders(name: str, data_root: Path | str | None = None) -> list[Path]:
+    """The folders of the layout that hold ``name``'s files (images, annotations, label maps):
+    nothing but the dataset belongs in them, so no output may be written there. Paths only (no
+    file is read); empty for ``synthetic``. ``reasonpart:DIR`` is DIR itself: a JSON written
+    there would be read as an annotation by the next evaluation."""
+    spec = parse_name(name)
+    if spec.family == "synthetic":
+        return []
+    if spec.family == "reasonpart":
+        return [Path(spec.split)]
+    if data_root is None:
+        return []
+    root = Path(data_root)
+    if spec.family == "reasonseg":
+        return [root / "reason_seg"]
+    if spec.family == "refer":
+        return [root / "refer_seg"]
+    return [root.joinpath(*parts) for parts in _DATASET_FOLDERS[spec.dataset]]
 
 
 def protocol(name: str, **opts: Any) -> str:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -299,6 +300,9 @@ QUERIES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
     },
 }
 
+MAX_TEXTS = min(len(bank) for styles in QUERIES.values() for bank in styles.values())
+"""The most queries a sample can have (``n_texts``): each (container, part) has this many per style."""
+
 PART_WORDS = (
     "eye", "eyes", "eyeball", "pupil", "nose", "nostril", "nostrils", "mouth", "lip", "lips",
     "wheel", "wheels", "tire", "tires", "tyre", "tyres", "window", "windows", "windshield",
@@ -496,8 +500,17 @@ def load_synthetic(
     train/val/test; ``subset`` keeps short- or long-query samples out of those ``n``."""
     if split not in SPLIT_IDS:
         raise CoresError(f"unknown synthetic split {split!r}; choose from {', '.join(SPLIT_IDS)}")
-    if image_size < 32:
-        raise CoresError(f"synthetic image_size must be at least 32, got {image_size}")
+    for key, value, low in (("n", n, 1), ("seed", seed, 0), ("image_size", image_size, 32), ("n_texts", n_texts, 1)):
+        # int("abc") or int([1]) would be a traceback, and int(2.9) a silent 2
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low):
+            raise CoresError(f"synthetic {key} must be an integer ≥ {low}, got {value!r}")
+    if n_texts > MAX_TEXTS:
+        raise CoresError(f"synthetic n_texts must be at most {MAX_TEXTS} (queries per sample), got {n_texts}")
+    if queries not in (None, "first", "all"):
+        raise CoresError(f"synthetic queries must be 'first' or 'all', got {queries!r}")
+    if subset not in (None, "short", "long"):
+        # any other word would quietly keep the short-query samples only
+        raise CoresError(f"synthetic subset must be 'short' or 'long', got {subset!r}")
     count = DEFAULT_SIZES[split] if n is None else int(n)
     q = queries or ("all" if split == "train" else "first")
     out: list[SegSample] = []

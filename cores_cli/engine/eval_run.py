@@ -15,9 +15,13 @@ Outputs (all atomic):
 
 Where things can go wrong, they do so before the model runs: :func:`check_outputs` refuses
 output paths that cannot be written (a folder given as a file, a parent that is a file, a
-read-only place) or that name an input, and ``strict`` refuses samples with reader warnings.
-A write that still fails after evaluating is reported per path (:class:`OutputWriteError`),
-after every other output was attempted.
+read-only place), that name an input, or that lie in a folder of the dataset's files (see
+:func:`protected_folders`), and ``strict`` refuses samples with reader warnings. A query
+holding a chain or image token has them removed, with a warning (by the registry). A
+sample whose image turns out unreadable while evaluating is left out of the metrics and
+reported as an ``unreadable_image`` warning; ``strict`` then fails after the results are
+printed and written. A write that still fails after evaluating is reported per path
+(:class:`OutputWriteError`), after every other output was attempted.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ import torch.distributed as dist
 from PIL import Image
 
 from .. import __version__
-from ..data.records import warning_kind
-from ..data.registry import load_samples, protocol
+from ..data.records import ReaderWarning, warning_kind
+from ..data.registry import dataset_folders, load_samples, protocol
 from ..data.transform import sample_pixels
 from ..errors import CoresError
 from ..fileio import atomic_open, atomic_write_json, save_image_atomic
@@ -74,6 +78,13 @@ class EvalRun:
     warnings: dict[str, Any]
     samples: list
     worst: list[tuple[float, str, np.ndarray]]
+    summary: WarningSummary | None = None
+    """What ``warnings`` holds, unreadable images included (set by :func:`compute_eval`)."""
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        """Samples left out of the metrics (id → why): their image could not be read."""
+        return self.result.left_out
 
 
 class OutputWriteError(CoresError):
@@ -86,11 +97,23 @@ class OutputWriteError(CoresError):
         self.failed = failed
 
 
-def load_eval_samples(req: EvalRequest) -> list:
+def read_samples(req: EvalRequest) -> list:
+    """Every sample the reader gives for ``req``, before ``--limit`` (queries cleaned of
+    special tokens by :func:`~cores_cli.data.registry.load_samples`)."""
     samples = load_samples(req.dataset, req.data_root, **req.reader_options)
     if not samples:
         raise CoresError(f"{req.dataset}: no samples to evaluate")
+    return samples
+
+
+def limit_samples(req: EvalRequest, samples: list) -> list:
+    """The samples ``--limit`` keeps."""
     return samples[: req.limit] if req.limit else samples
+
+
+def load_eval_samples(req: EvalRequest) -> list:
+    """The samples to evaluate: :func:`read_samples`, cut by ``--limit``."""
+    return limit_samples(req, read_samples(req))
 
 
 # ------------------------------------------------------------------------- reader warnings
@@ -109,12 +132,17 @@ class WarningSummary:
     """sample id → all its warnings."""
 
     @classmethod
-    def of(cls, samples: list) -> WarningSummary:
+    def of(cls, samples: list, left_out: dict[str, str] | None = None) -> WarningSummary:
+        """``left_out``: samples whose image could not be read while evaluating (id → why),
+        counted as ``unreadable_image``."""
         ids_by_kind: dict[str, list[str]] = {}
         examples: dict[str, str] = {}
         messages: dict[str, list[str]] = {}
+        left_out = left_out or {}
         for s in samples:
             found = list(s.meta.get("warnings", ()))
+            if s.sample_id in left_out:
+                found.append(ReaderWarning("unreadable_image", f"{left_out[s.sample_id]}; left out of the metrics"))
             if not found:
                 continue
             messages[s.sample_id] = [str(w) for w in found]
@@ -143,14 +171,18 @@ class WarningSummary:
         kinds = ", ".join(f"{k} {n}" for k, n in self.counts().items())
         return f"{self.affected} of {self.n_samples} samples have reader warnings ({kinds})"
 
-    def lines(self, strict: bool = False, shown: int = 3) -> list[str]:
+    def lines(self, strict: bool = False, shown: int = 3, kinds: tuple[str, ...] | None = None) -> list[str]:
         """A terminal report: the headline, then per kind its first ``shown`` sample ids and
-        its first message. Empty when there is nothing to report."""
+        its first message (only ``kinds``, when given). Empty when there is nothing to report."""
         if not self.affected:
             return []
         fate = "--strict refuses them" if strict else "they are scored as read (--strict would refuse them)"
+        if "unreadable_image" in self.sample_ids:
+            fate = "those with an unreadable image are left out of the metrics" + (", which --strict refuses" if strict else "") + "; any others are scored as read"
         out = [f"{self.headline()}; {fate}"]
         for kind, ids in self.sample_ids.items():
+            if kinds is not None and kind not in kinds:
+                continue
             listed = ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
             out.append(f"  {kind}: {listed} (e.g. {self.examples[kind]})")
         return out
@@ -183,12 +215,14 @@ def vis_path(req: EvalRequest) -> Path | None:
     return req.output.parent / (req.output.stem + "_worst") if req.output else Path("cores_eval_worst")
 
 
-def check_outputs(req: EvalRequest, inputs: list[Path] | None = None) -> None:
+def check_outputs(req: EvalRequest, inputs: list[Path] | None = None, folders: list[Path] | None = None) -> None:
     """Refuse, before any work, outputs that could not be written or would overwrite an input.
 
     A file output must not be a folder (or a device), its folder must be creatable and
     writable (the nearest existing ancestor is a folder where a file can be made), no two
-    outputs may share a path, and none may be one of ``inputs`` (see :func:`input_files`).
+    outputs may share a path, none may be one of ``inputs`` (see :func:`input_files`), and no
+    output (the overlays' folder included) may lie in one of ``folders`` (see
+    :func:`protected_folders`).
     """
     files = [(flag, path) for flag, path in (("--output", req.output), ("--per-sample", per_sample_path(req))) if path is not None]
     for flag, path in files:
@@ -208,6 +242,10 @@ def check_outputs(req: EvalRequest, inputs: list[Path] | None = None) -> None:
         clash = _same_file(path, inputs or [])
         if clash is not None:
             raise CoresError(f"{flag} {path} is one of the inputs ({clash}); write the results elsewhere")
+    for flag, path in [*files, *([("--vis-dir", vis)] if vis is not None else [])]:
+        folder = _inside(path, folders or [])
+        if folder is not None:
+            raise CoresError(f"{flag} {path} lies in {folder}, a folder of the dataset's files; write the results elsewhere")
 
 
 def _check_writable_folder(flag: str, path: Path, folder: Path) -> None:
@@ -226,10 +264,41 @@ def _check_writable_folder(flag: str, path: Path, folder: Path) -> None:
         raise CoresError(f"cannot write {flag} {path}: {ancestor}: {e.strerror or e}") from None
 
 
+def protected_folders(req: EvalRequest, samples: list) -> list[Path]:
+    """The folders no output may be written into: the dataset's folders in its layout
+    (:func:`~cores_cli.data.registry.dataset_folders`) and every folder holding a sample's
+    image or annotation file.
+
+    Folders, not files: ``--limit``, ``subset`` and ``skip_missing`` leave some of a split's
+    files out of the sample list (an annotation whose image is missing is in no sample), but
+    they lie beside the files of the samples that are kept. A file written there would replace
+    a dataset file, or be read as one by the next run (a JSON in a ReasonSeg split folder)."""
+    found = {Path(f) for f in dataset_folders(req.dataset, req.data_root)}
+    for s in samples:
+        if s.image_array is None:
+            found.add(Path(s.image_path).parent)
+        if isinstance(s.meta.get("json"), str):
+            found.add(Path(s.meta["json"]).parent)
+    return sorted(found)
+
+
+def _inside(path: Path, folders: list[Path]) -> Path | None:
+    """The folder of ``folders`` that ``path`` is, or lies in (links followed), if any."""
+    real = Path(os.path.realpath(path))
+    for folder in folders:
+        home = Path(os.path.realpath(folder))
+        if real == home or home in real.parents:
+            return folder
+    return None
+
+
 def input_files(req: EvalRequest, samples: list, checkpoint: Path | None = None) -> list[Path]:
     """The files an evaluation reads that an output must never replace: every sample's image
-    and annotation file, the exemplar library, and the checkpoint's own files."""
+    and annotation file, a reader's class list, the exemplar library, and the checkpoint's own
+    files."""
     found: list[Path] = [Path(req.context_library)] if req.context_library is not None else []
+    if isinstance(req.reader_options.get("classes_file"), (str, os.PathLike)):
+        found.append(Path(req.reader_options["classes_file"]))
     for s in samples:
         if s.image_array is None:
             found.append(Path(s.image_path))
@@ -267,13 +336,14 @@ def _same_file(path: Path, candidates: list[Path]) -> Path | None:
 # ------------------------------------------------------------------------------ evaluation
 
 
-def describe(req: EvalRequest, loaded: LoadedModel, n_samples: int, n_targets: int, world: int) -> dict[str, Any]:
+def describe(req: EvalRequest, loaded: LoadedModel, n_samples: int, n_targets: int, world: int, left_out: int = 0) -> dict[str, Any]:
     cfg = loaded.model.cfg
     return {
         "dataset": req.dataset,
         "what": protocol(req.dataset, **req.reader_options),
         "mode": "teacher-forced (fixed answer template, one pass)" if req.mode == "teacher" else "generate (template fallback when no chain)",
         "samples": n_samples,
+        "left_out": left_out,
         "targets": n_targets,
         "in_context_k": cfg.prompt.in_context_k,
         "chain": " → ".join(cfg.chain.tokens) + ("" if cfg.chain.segmenting else " (one pass)"),
@@ -291,19 +361,21 @@ def compute_eval(
 ) -> EvalRun:
     """Evaluate (every rank takes its share) and gather what the outputs need; writes nothing.
     ``samples`` defaults to :func:`load_eval_samples`; with ``req.strict``, reader warnings
-    stop the run first."""
+    stop the run first. ``progress_factory`` gets the number of samples this process
+    evaluates (its share under ``torch.distributed``)."""
     samples = load_eval_samples(req) if samples is None else samples
-    summary = WarningSummary.of(samples)
     if req.strict:
-        refuse_warnings(summary)
+        refuse_warnings(WarningSummary.of(samples))
     sampler = exemplar_sampler(loaded.model, req.context_library, req.seed)
-    progress = progress_factory(len(samples)) if progress_factory else None
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    progress = progress_factory(len(range(rank, len(samples), world))) if progress_factory else None
     result = evaluate(
         loaded.model, samples, batch_size=req.batch_size, mode=req.mode, exemplars=sampler, seed=req.seed,
-        progress=progress, keep_worst=req.save_vis,
+        progress=progress, keep_worst=req.save_vis, log_left_out=False,
     )
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    proto = describe(req, loaded, len(samples), int(result.metrics["n"]), world)
+    summary = WarningSummary.of(samples, result.left_out)
+    proto = describe(req, loaded, len(samples), int(result.metrics["n"]), world, len(result.left_out))
     worst = result.worst
     if world > 1 and req.save_vis:
         # each rank kept its own N worst; rank 0 draws the N worst of them all
@@ -311,7 +383,7 @@ def compute_eval(
         dist.all_gather_object(parts, result.worst)
         worst = sorted((w for part in parts for w in (part or [])), key=lambda w: w[0])
     # every rank read the whole sample list, so the warnings are counted once, from it alone
-    return EvalRun(result, proto, summary.to_json(), samples, worst[: req.save_vis])
+    return EvalRun(result, proto, summary.to_json(), samples, worst[: req.save_vis], summary)
 
 
 def results_document(req: EvalRequest, loaded: LoadedModel, run: EvalRun, per_sample_file: Path | None) -> dict[str, Any]:
@@ -367,12 +439,30 @@ def run_eval(
     samples: list | None = None,
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Check the outputs, evaluate, and write the outputs (rank 0 writes). Returns the result
-    and the protocol."""
+    and the protocol. With ``req.strict``, a sample left out for an unreadable image is a
+    :class:`CoresError` after the outputs are written."""
     check_outputs(req)
+    if samples is None:
+        everything = read_samples(req)
+        samples = limit_samples(req, everything)
+        check_outputs(req, input_files(req, everything), protected_folders(req, everything))
     run = compute_eval(req, loaded, samples, progress_factory)
     if _is_main():
         write_outputs(req, loaded, run)
+    if req.strict:
+        refuse_left_out(run)
     return run.result, run.protocol
+
+
+def refuse_left_out(run: EvalRun) -> None:
+    """``strict`` after evaluating: samples left out for an unreadable image fail the run (they
+    are only found by decoding the images, which is the evaluation's own work)."""
+    if run.left_out:
+        first, why = next(iter(run.left_out.items()))
+        raise CoresError(
+            f"--strict: {len(run.left_out)} of {len(run.samples)} samples were left out of the metrics, "
+            f"their image could not be read (the first: {first}: {why})"
+        )
 
 
 def _is_main() -> bool:

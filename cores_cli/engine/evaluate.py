@@ -13,11 +13,16 @@ intersection and union.
 Under ``torch.distributed`` each rank takes every ``world``-th sample (no padding, so nothing
 is counted twice), and the per-target records are gathered so every rank returns the same
 metrics.
+
+A sample whose image cannot be decoded (corrupt, truncated, gone since it was read) is that
+sample's problem, not the run's: its targets are left out of the metrics and it is listed in
+:attr:`EvalResult.left_out` with the reason, on every rank.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +36,13 @@ from ..contexts import ExemplarSampler
 from ..data.conversation import ConversationEncoder
 from ..data.records import SegSample, warning_kind
 from ..data.transform import SampleTransform, collate
+from ..errors import InputImageError
 from ..metrics import IoUAccumulator, area_fraction, intersection_union, size_bucket, target_iou
 from ..model.cores import CoresModel, postprocess_masks
 from .predictor import Predictor
 
 Mode = Literal["teacher", "generate"]
+log = logging.getLogger("cores.eval")
 
 
 @dataclass
@@ -49,6 +56,8 @@ class EvalResult:
     worst: list[tuple[float, str, np.ndarray]] = field(default_factory=list)
     """Up to ``keep_worst`` (iou, target id, predicted mask) with the lowest IoU, this rank's."""
     seconds: float = 0.0
+    left_out: dict[str, str] = field(default_factory=dict)
+    """Samples left out of the metrics (all ranks'), id → why: their image could not be read."""
 
 
 def metrics_from_records(records: Sequence[dict]) -> dict[str, float | int | None]:
@@ -79,8 +88,11 @@ def evaluate(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
     keep_worst: int = 0,
+    log_left_out: bool = True,
 ) -> EvalResult:
-    """Evaluate ``model`` on ``samples``; ``progress(n)`` is called with each batch's sample count."""
+    """Evaluate ``model`` on ``samples``; ``progress(n)`` is called with each batch's sample count.
+    Samples left out for an unreadable image are logged (``log_left_out``: a caller that
+    reports :attr:`EvalResult.left_out` itself turns that off)."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -98,18 +110,23 @@ def evaluate(
                 runner.generate_sample(samples[j])
                 if progress:
                     progress(1)
-        records = runner.records
+        records, left_out = runner.records, runner.left_out
         if world > 1:
-            gathered: list[list[dict] | None] = [None] * world
-            dist.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in (part or [])]
+            gathered: list[tuple[list[dict], dict[str, str]] | None] = [None] * world
+            dist.all_gather_object(gathered, (records, left_out))
+            records = [r for part in gathered for r in (part[0] if part else [])]
             records.sort(key=lambda r: r["order"])
+            left_out = {k: v for part in gathered for k, v in (part[1] if part else {}).items()}
         for r in records:
             r.pop("order", None)
         metrics = metrics_from_records(records)
         metrics["samples"] = len(samples)
+        if left_out and log_left_out and rank == 0:
+            # library callers (training's validation) have no summary of their own to show it
+            log.warning("left %d sample(s) out of the metrics, their image could not be read; the first: %s", len(left_out), next(iter(left_out.values())))
         worst = sorted(((-key, tid, mask) for key, tid, mask in runner.worst), key=lambda w: w[0])
-        return EvalResult(metrics, records, worst, time.perf_counter() - start)
+        ordered = {s.sample_id: left_out[s.sample_id] for s in samples if s.sample_id in left_out}
+        return EvalResult(metrics, records, worst, time.perf_counter() - start, ordered)
     finally:
         model.train(was_training)
 
@@ -128,18 +145,32 @@ class _Runner:
         self.worst: list[tuple[float, str, np.ndarray]] = []
         self.keep_worst = keep_worst
         self.order = 0
+        self.left_out: dict[str, str] = {}
         self._predictor: Predictor | None = None
 
+    def _pixels(self, sample: SegSample) -> np.ndarray | None:
+        """The sample's pixels, or None (and the sample noted as left out) when its image
+        cannot be read: readers only look at headers, so a corrupt body shows up here."""
+        try:
+            return self.transform.pixels(sample)
+        except InputImageError as e:
+            self.left_out[sample.sample_id] = str(e)
+            return None
+
     def teacher_batch(self, chunk: list[SegSample]) -> None:
-        rows, pixels = [], {}
+        rows, readable = [], []
         for s in chunk:
-            px = self.transform.pixels(s)
-            pixels[s.sample_id] = px
+            px = self._pixels(s)
+            if px is None:
+                continue
+            readable.append(s)
             rows.extend(self.transform.per_round(s, px))
+        if not rows:
+            return
         batch = collate(rows, self.model.tokenizer.pad_token_id).to(self.param.device, self.param.dtype)
         final = self.model(batch, compute_loss=False).final_logits
         t = 0
-        for s in chunk:
+        for s in readable:
             for r_index, rnd in enumerate(s.rounds):
                 row = rows[t]
                 mask = postprocess_masks(final[t : t + 1], row.input_size, row.original_size, self.model.cfg.sam.image_size)[0] > 0
@@ -149,7 +180,9 @@ class _Runner:
     def generate_sample(self, sample: SegSample) -> None:
         if self._predictor is None:
             self._predictor = Predictor(self.model, self.exemplars)
-        pixels = self.transform.pixels(sample)
+        pixels = self._pixels(sample)
+        if pixels is None:
+            return
         for r_index, rnd in enumerate(sample.rounds):
             key = f"{sample.sample_id}#{r_index}"
             pred = self._predictor.predict(pixels, rnd.query, style=rnd.style, mode="generate", sample_id=key, exemplar_key=key)
