@@ -282,14 +282,17 @@ class OpenAIServer:
                     self._serve_slowly(reply)
                     return
                 try:
-                    self.send_response(reply.status)
-                    for name, value in reply.headers.items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(reply.body)))
-                    self.end_headers()
-                    self.wfile.write(reply.body)
+                    self._send_whole(reply)
                 except OSError:
                     pass  # the client gave up (timeout) and closed the connection
+
+            def _send_whole(self, reply: Reply) -> None:
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
 
             def _serve_slowly(self, reply: Reply) -> None:
                 with server._pending_changed:
@@ -303,12 +306,7 @@ class OpenAIServer:
                         self.close_connection = True  # the response was never finished
                         self._trickle(reply)
                         return
-                    self.send_response(reply.status)
-                    for name, value in reply.headers.items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(reply.body)))
-                    self.end_headers()
-                    self.wfile.write(reply.body)
+                    self._send_whole(reply)
                 except OSError:
                     pass  # the client gave up and closed the connection
                 finally:
