@@ -127,6 +127,14 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def probe_writable(folder: str | Path) -> None:
+    """Prove that a file can be made in ``folder`` (raises the OSError if not). The probe is an
+    unnamed temporary file (``O_TMPFILE`` on Linux), so it leaves nothing behind, even if the
+    process is killed; unlike a permission check it also holds for root and read-only mounts."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
 class OutputLocked(Exception):
     """Another process holds the lock of an output; ``holder`` says who, when it could tell."""
 
@@ -149,9 +157,10 @@ def exclusive_lock(output: str | Path, lock_file: str | Path | None = None) -> I
 
     Two writers of one output (a library file, a run folder) would interleave their appends; the
     second must be refused, not queued. The lock is an ``flock`` on ``.NAME.lock`` beside the
-    output (or ``lock_file``, e.g. inside an output folder), so the kernel drops it when the holder dies (a SIGKILL leaves no stale lock to clear
-    by hand). The file records the holder's pid for the message; it is left in place afterwards
-    because removing it would race with a third process opening it.
+    output (or ``lock_file``, e.g. inside an output folder), so the kernel drops it when the
+    holder dies (a SIGKILL leaves no stale lock to clear by hand). The file records the holder's
+    pid for the message; it is left in place afterwards because removing it would race with a
+    third process opening it.
     """
     lock = Path(lock_file) if lock_file is not None else lock_path_for(output)
     lock.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,6 @@ import re
 import signal
 import stat
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -53,7 +52,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from ..errors import CoresError
-from ..fileio import TEMPORARY_PATTERN, OutputLocked, exclusive_directory_lock, staged_file
+from ..fileio import TEMPORARY_PATTERN, OutputLocked, exclusive_directory_lock, probe_writable, staged_file
 from ..images import DEFAULT_MAX_PIXELS, load_image
 from ..visualize import bbox, overlay
 from .predictor import Mode, Predictor, reserved_token_in
@@ -383,9 +382,7 @@ def prepare_output_dir(out_dir: Path) -> None:
     except OSError as exc:
         raise CoresError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from None
     try:
-        # An unnamed file (O_TMPFILE on Linux): the check leaves nothing behind, even if killed.
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
+        probe_writable(out_dir)
     except OSError as exc:
         raise CoresError(f"cannot write in the output folder {out_dir}: {exc.strerror or exc}") from None
 
@@ -525,19 +522,6 @@ class StagedItem:
         for tmp in self.temporaries.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-
-
-def run_job(
-    predictor: Predictor,
-    job: Job,
-    paths: dict[str, Path],
-    mode: Mode = "teacher",
-    style: str = "auto",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    model_info: dict | None = None,
-) -> dict:
-    """Predict one job and put its files in place; returns the JSON record. Raises CoresError."""
-    return prepare_job(predictor, job, paths, mode, style, max_pixels, model_info).commit()
 
 
 def prepare_job(

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from ..data.records import ReaderWarning, warning_kind
 from ..data.registry import dataset_folders, load_samples, protocol
 from ..data.transform import sample_pixels
 from ..errors import CoresError
-from ..fileio import atomic_open, atomic_write_json, save_image_atomic
+from ..fileio import atomic_open, atomic_write_json, probe_writable, save_image_atomic
 from ..visualize import comparison
 from .evaluate import EvalResult, Mode, evaluate
 from .loading import LoadedModel, exemplar_sampler
@@ -250,16 +249,14 @@ def check_outputs(req: EvalRequest, inputs: list[Path] | None = None, folders: l
 
 def _check_writable_folder(flag: str, path: Path, folder: Path) -> None:
     """``folder`` exists and takes a new file, or can be created: checked in its nearest existing
-    ancestor by making (and removing) a probe file, which works for root and read-only mounts."""
+    ancestor (:func:`~cores_cli.fileio.probe_writable`), creating nothing."""
     ancestor = Path(os.path.abspath(folder))
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CoresError(f"cannot write {flag} {path}: {ancestor} is a file, not a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".cores-eval-probe.", dir=ancestor)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(ancestor)
     except OSError as e:
         raise CoresError(f"cannot write {flag} {path}: {ancestor}: {e.strerror or e}") from None
 
@@ -274,11 +271,7 @@ def protected_folders(req: EvalRequest, samples: list) -> list[Path]:
     they lie beside the files of the samples that are kept. A file written there would replace
     a dataset file, or be read as one by the next run (a JSON in a ReasonSeg split folder)."""
     found = {Path(f) for f in dataset_folders(req.dataset, req.data_root)}
-    for s in samples:
-        if s.image_array is None:
-            found.add(Path(s.image_path).parent)
-        if isinstance(s.meta.get("json"), str):
-            found.add(Path(s.meta["json"]).parent)
+    found.update(f.parent for f in _sample_files(samples))
     return sorted(found)
 
 
@@ -299,17 +292,25 @@ def input_files(req: EvalRequest, samples: list, checkpoint: Path | None = None)
     found: list[Path] = [Path(req.context_library)] if req.context_library is not None else []
     if isinstance(req.reader_options.get("classes_file"), (str, os.PathLike)):
         found.append(Path(req.reader_options["classes_file"]))
-    for s in samples:
-        if s.image_array is None:
-            found.append(Path(s.image_path))
-        if isinstance(s.meta.get("json"), str):
-            found.append(Path(s.meta["json"]))
+    found += _sample_files(samples)
     if checkpoint is not None and Path(checkpoint).is_dir():
         ckpt = Path(checkpoint)
         found += [ckpt / "config.json", ckpt / "weights.safetensors"]
         for sub in ("tokenizer", "adapter"):
             if (ckpt / sub).is_dir():
                 found += [p for p in (ckpt / sub).rglob("*") if p.is_file()]
+    return found
+
+
+def _sample_files(samples: list) -> list[Path]:
+    """The files the samples were read from: each image (unless held in memory) and each
+    annotation JSON."""
+    found = []
+    for s in samples:
+        if s.image_array is None:
+            found.append(Path(s.image_path))
+        if isinstance(s.meta.get("json"), str):
+            found.append(Path(s.meta["json"]))
     return found
 
 
@@ -432,28 +433,6 @@ def write_outputs(req: EvalRequest, loaded: LoadedModel, run: EvalRun) -> list[P
     return written
 
 
-def run_eval(
-    req: EvalRequest,
-    loaded: LoadedModel,
-    progress_factory: Callable[[int], Callable[[int], None]] | None = None,
-    samples: list | None = None,
-) -> tuple[EvalResult, dict[str, Any]]:
-    """Check the outputs, evaluate, and write the outputs (rank 0 writes). Returns the result
-    and the protocol. With ``req.strict``, a sample left out for an unreadable image is a
-    :class:`CoresError` after the outputs are written."""
-    check_outputs(req)
-    if samples is None:
-        everything = read_samples(req)
-        samples = limit_samples(req, everything)
-        check_outputs(req, input_files(req, everything), protected_folders(req, everything))
-    run = compute_eval(req, loaded, samples, progress_factory)
-    if _is_main():
-        write_outputs(req, loaded, run)
-    if req.strict:
-        refuse_left_out(run)
-    return run.result, run.protocol
-
-
 def refuse_left_out(run: EvalRun) -> None:
     """``strict`` after evaluating: samples left out for an unreadable image fail the run (they
     are only found by decoding the images, which is the evaluation's own work)."""
@@ -463,10 +442,6 @@ def refuse_left_out(run: EvalRun) -> None:
             f"--strict: {len(run.left_out)} of {len(run.samples)} samples were left out of the metrics, "
             f"their image could not be read (the first: {first}: {why})"
         )
-
-
-def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _draw(out_dir: Path, samples: list, worst: list[tuple[float, str, np.ndarray]]) -> tuple[list[Path], list[tuple[Path, OSError]]]:

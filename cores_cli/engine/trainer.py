@@ -28,7 +28,7 @@ import torch
 
 from ..configio import to_dict
 from ..errors import CoresError
-from ..fileio import atomic_write_text
+from ..fileio import TEMPORARY_PATTERN, atomic_write_text
 from .train_config import Recipe, recipe_text
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def run_dir_has_checkpoints(run_dir: Path) -> bool:
 
 RESULT_FILES = ("metrics.jsonl",)
 RESULT_DIRS = ("checkpoints", "tensorboard")
-_ATOMIC_TMP = re.compile(r"^\.(recipe\.yaml|metrics\.jsonl)\..*\.tmp$")
+_ATOMIC_TMP = re.compile(TEMPORARY_PATTERN.format(name=r"(recipe\.yaml|metrics\.jsonl)"))
 _CHECKPOINTS_ENTRY = re.compile(
     r"^(step-\d+|latest|best|best\.json|best\.old|step-\d+\.old|\.(step-\d+|latest|best|best\.json)\..*\.(tmp|old))$"
 )
@@ -249,7 +249,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe: str |
         strange = sorted(p.name for p in (run_dir / folder).iterdir() if not allowed.match(p.name)) if (run_dir / folder).is_dir() else []
         if strange:
             raise CoresError(f"--overwrite: {run_dir / folder / strange[0]} is not something a training run writes; move it away first (nothing was removed)")
-    return earlier + sorted(p for p in run_dir.iterdir() if _ATOMIC_TMP.match(p.name))
+    return earlier + sorted(p for p in run_dir.iterdir() if _ATOMIC_TMP.fullmatch(p.name))
 
 
 def clear_earlier_run(run_dir: Path) -> list[Path]:
