@@ -100,17 +100,17 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
 
-    from cores_cli.data.conversation import ConversationEncoder
-    from cores_cli.data.mixture import MixtureDataset, load_mixture
-    from cores_cli.data.transform import SampleTransform, collate
+    from cores_cli.processing.mixture import MixtureDataset, load_mixture
+    from cores_cli.processing.transform import SampleTransform, collate
     from cores_cli.engine import deepspeed_setup as ds
+    from cores_cli.engine.distributed import init_distributed
     from cores_cli.engine.embedding_cache import attach_embedding_cache
     from cores_cli.engine.loading import exemplar_sampler
     from cores_cli.model.builder import build_model
 
     cfg = recipe.train
     device = torch.device("cpu")
-    dist = ds.init_distributed(device)
+    dist = init_distributed(device, start_alone=True, deepspeed=True)
     torch.manual_seed(cfg.seed)
     model = build_model(recipe.model)
     if cfg.gradient_checkpointing:
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     mixture = load_mixture(recipe.data, cfg.seed)
     images = sum(len(s) for src in mixture.sources for _, s in src.datasets)
-    enc = ConversationEncoder(model.tokenizer, model.cfg.prompt, model.cfg.chain, "<image>", model.num_image_tokens)
-    transform = SampleTransform(model.cfg, enc, exemplar_sampler(model, None, cfg.seed), model.clip_size, train=True, seed=cfg.seed)
+    transform = SampleTransform.for_model(model, exemplar_sampler(model, None, cfg.seed), train=True, seed=cfg.seed)
     data = MixtureDataset(mixture, transform, cfg.seed)
     b = cfg.micro_batch_size
     total = args.warmup + args.steps

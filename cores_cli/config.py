@@ -26,6 +26,9 @@ CHAIN_TOKENS: tuple[str, ...] = ("[LOC]", "[POS]", "[SEG]")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+"""SAM normalises 0-255 pixels (CLIP normalises 0-1 pixels): the values of the official checkpoints."""
 
 MAX_IN_CONTEXT_K = 16
 """Upper bound of ``prompt.in_context_k``. An exemplar is 35-100 tokens (60 on average for the
@@ -54,6 +57,14 @@ def _positive(obj: object, *names: str) -> None:
             raise FieldError(name, f"must be positive, got {value}")
 
 
+def _rgb_normalisation(obj: object, mean: str, std: str) -> None:
+    for name in (mean, std):
+        if len(getattr(obj, name)) != 3:
+            raise FieldError(name, f"must be 3 numbers (R, G, B), got {len(getattr(obj, name))}")
+    if not all(v > 0 for v in getattr(obj, std)):
+        raise FieldError(std, f"must be positive, got {list(getattr(obj, std))}")
+
+
 def _divides(obj: object, total: str, parts: str) -> None:
     if getattr(obj, total) % getattr(obj, parts):
         raise FieldError(parts, f"must divide {total} ({getattr(obj, total)}), got {getattr(obj, parts)}")
@@ -78,8 +89,12 @@ class SamConfig:
     iou_head_hidden_dim: int = 256
     checkpoint: str | None = None
     """Official ``sam_vit_*.pth`` (loaded with ``weights_only=True``); None = random init."""
+    pixel_mean: tuple[float, ...] = SAM_PIXEL_MEAN
+    pixel_std: tuple[float, ...] = SAM_PIXEL_STD
+    """Per-channel normalisation of 0-255 pixels (the processor's; SAM's own buffers hold the same)."""
 
     def __post_init__(self) -> None:
+        _rgb_normalisation(self, "pixel_mean", "pixel_std")
         _at_least(self, 1, "image_size", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads", "window_size")
         _at_least(self, 1, "prompt_embed_dim", "decoder_depth", "decoder_mlp_dim", "decoder_num_heads", "iou_head_hidden_dim")
         if self.image_size < self.patch_size:
@@ -173,11 +188,7 @@ class MllmConfig:
         layers = self.vision.num_layers
         if not -(layers + 1) <= self.vision_feature_layer <= layers:
             raise FieldError("vision_feature_layer", f"must index one of the vision tower's {layers + 1} hidden states ({-(layers + 1)} to {layers}), got {self.vision_feature_layer}")
-        for name in ("image_mean", "image_std"):
-            if len(getattr(self, name)) != 3:
-                raise FieldError(name, f"must be 3 numbers (R, G, B), got {len(getattr(self, name))}")
-        if not all(v > 0 for v in self.image_std):
-            raise FieldError("image_std", f"must be positive, got {list(self.image_std)}")
+        _rgb_normalisation(self, "image_mean", "image_std")
 
     @property
     def num_image_tokens(self) -> int:
@@ -244,7 +255,7 @@ class ChainConfig:
 
 @dataclass
 class PromptConfig:
-    """The conversation around the query (DESIGN §4)."""
+    """The conversation around the query (docs/MODEL.md)."""
 
     system: str = (
         "A chat between a curious human and an artificial intelligence assistant. "

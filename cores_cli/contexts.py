@@ -328,6 +328,11 @@ class ExemplarSampler:
         self.seed = seed
         self.rng = random.Random(seed)
 
+    def reseed(self, seed: int | str | None = None) -> None:
+        """Start the draw again: from ``seed``, or the sampler's own seed when None (the same
+        exemplars for every query of a run, whatever was drawn before)."""
+        self.rng = random.Random(self.seed if seed is None else seed)
+
     def sample_for(self, key: str, k: int) -> list[Exemplar]:
         """A draw that depends only on ``key`` and the sampler's seed (string seeding is
         deterministic across runs and processes), not on what was drawn before."""

@@ -22,5 +22,5 @@ class InputImageError(CoresError):
     """An image that cannot be read: missing, corrupt, or larger than allowed."""
 
 
-class NotYetAvailable(CoresError):
-    """A command whose implementation lands in a later release."""
+class UsageError(CoresError):
+    """Options that contradict each other: a usage mistake (exit status 2 on the command line)."""

@@ -63,14 +63,9 @@ def _read(p: Path, max_pixels: int) -> LoadedImage:
                 size, limit = _pixel_counts(w * h, max_pixels)
                 raise InputImageError(f"image {p} is {w}×{h} ({size}), above the limit of {limit} (raise it with --max-pixels)")
             sixteen_bit = _stored_with_16_bit_channels(img)  # read before load() drops the tile list
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                img.load()
-                upright = ImageOps.exif_transpose(img)
-            rotated = upright.size != img.size or _orientation(img) not in (None, 1)
-            pixels, converted = to_rgb8(upright)
+            pixels, converted, rotated = _upright_rgb(img)
             if sixteen_bit and not (converted or "").startswith("I"):  # "I;16" says it already
-                converted = f"{converted or upright.mode};16"
+                converted = f"{converted or 'RGB'};16"  # no conversion: it was RGB
     except InputImageError:
         raise
     except UnidentifiedImageError:
@@ -78,6 +73,44 @@ def _read(p: Path, max_pixels: int) -> LoadedImage:
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputImageError(f"cannot read image {p}: {str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated file'}") from None
     return LoadedImage(str(p), pixels, converted, rotated)
+
+
+def as_image(image: str | Path | Image.Image | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """A path (read as :func:`load_image` reads it), a PIL image (EXIF orientation applied, mode
+    converted, as for a file) or a uint8 (H, W, 3) RGB array (used as it is)."""
+    if isinstance(image, (str, Path)):
+        return load_image(image, max_pixels)
+    if isinstance(image, Image.Image):
+        w, h = image.size
+        if w * h > max_pixels:
+            size, limit = _pixel_counts(w * h, max_pixels)
+            raise InputImageError(f"the image is {w}×{h} ({size}), above the limit of {limit}")
+        try:
+            pixels, converted, rotated = _upright_rgb(image)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputImageError(f"cannot read the PIL image: {str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated data'}") from None
+        return LoadedImage("<PIL image>", pixels, converted, rotated)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputImageError(f"an image array must be uint8 of shape (H, W, 3) in RGB order, got {image.dtype} {tuple(image.shape)}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise InputImageError(f"the image array is empty: shape {tuple(image.shape)}")
+        if image.shape[0] * image.shape[1] > max_pixels:
+            size, limit = _pixel_counts(image.shape[0] * image.shape[1], max_pixels)
+            raise InputImageError(f"the image array is {image.shape[1]}×{image.shape[0]} ({size}), above the limit of {limit}")
+        return LoadedImage("<array>", np.array(image, copy=True, order="C"), None, False)  # the caller keeps theirs
+    raise InputImageError(f"an image is a path, a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
+
+
+def _upright_rgb(img: Image.Image) -> tuple[np.ndarray, str | None, bool]:
+    """Decoded, EXIF orientation applied, made 8-bit RGB: (pixels, source mode or None, rotated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+    rotated = upright.size != img.size or _orientation(img) not in (None, 1)
+    pixels, converted = to_rgb8(upright)
+    return pixels, converted, rotated
 
 
 def _pixel_counts(pixels: int, limit: int) -> tuple[str, str]:

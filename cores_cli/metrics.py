@@ -1,4 +1,4 @@
-"""Segmentation metrics with LISA's ``validate()`` protocol (DESIGN §6).
+"""Segmentation metrics with LISA's ``validate()`` protocol (docs/EVAL.md).
 
 Pure functions on masks plus a mergeable accumulator (:class:`IoUAccumulator`) whose state is
 plain numbers, so multi-process evaluation can all-reduce or gather it.
@@ -45,7 +45,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-IGNORE = 255
+from .ignore_values import IGNORE
+
 GIOU_EPS = 1e-5
 """LISA: ``acc_iou = I / (U + 1e-5)``."""
 CIOU_EPS = 1e-10

@@ -1,4 +1,8 @@
-"""Device and dtype are chosen once, here, by the caller; model code follows its tensors."""
+"""Device and dtype are chosen once, here, by the caller; model code follows its tensors.
+
+Every command's device goes through :func:`resolve_device`: ``--device`` of eval and predict,
+and training's ``train.device``.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,19 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` = the first CUDA device when there is one, else the CPU."""
+def resolve_device(name: str = "auto", *, setting: str = "device", hint: str = "") -> torch.device:
+    """``auto`` = CUDA when a GPU is visible, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` as
+    named. ``setting`` names where the value came from in errors (``device`` for an option,
+    ``train.device`` for a recipe) and ``hint`` says what to do instead of asking for a GPU that
+    is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CoresError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise CoresError(f"unknown {setting} {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CoresError(f"device {name!r} asked for, but no CUDA GPU is visible")
+        raise CoresError(f"{setting} {name!r} asked for, but no CUDA GPU is visible" + (f"; {hint}" if hint else ""))
     return device
 
 

@@ -113,12 +113,9 @@ def scene_sample(sample_id: str = "s0", seed: int = 0, rounds: int = 1, size: tu
 
 
 def make_batch(model, samples, train: bool = False, seed: int = 0):
-    from cores_cli.data.conversation import ConversationEncoder
-    from cores_cli.data.transform import SampleTransform, collate
+    from cores_cli.processing.transform import SampleTransform, collate
 
-    cfg = model.cfg
-    enc = ConversationEncoder(model.tokenizer, cfg.prompt, cfg.chain, "<image>", model.num_image_tokens)
-    tr = SampleTransform(cfg, enc, None, model.clip_size, train=train, seed=seed)
+    tr = SampleTransform.for_model(model, train=train, seed=seed)
     return collate([tr(s) for s in samples], model.tokenizer.pad_token_id)
 
 

@@ -18,15 +18,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cores_cli.builders.chat_requests import backoff_delay
+from cores_cli.builders.chat_settings import NO_KEY_PLACEHOLDER, redact
+from cores_cli.builders.context_library import BuildOptions, build_context, parse_reply
 from cores_cli.cli.app import app
-from cores_cli.context_build import (
-    NO_KEY_PLACEHOLDER,
-    BuildOptions,
-    backoff_delay,
-    build_context,
-    parse_reply,
-    redact,
-)
 from cores_cli.contexts import ExemplarError, load_library, load_vocabulary, object_key
 
 from proc_helpers import kill_after_lines

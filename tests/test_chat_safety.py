@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cores_cli.builders.context_library import BuildOptions, build_context
+from cores_cli.builders.reasonpart import ReasonPartOptions, make_reasonpart
 from cores_cli.cli.app import app
-from cores_cli.context_build import BuildOptions, build_context
 from cores_cli.contexts import load_library, object_key
 from cores_cli.errors import CoresError
-from cores_cli.reasonpart_build import ReasonPartOptions, make_reasonpart
 
 from fixtures_reasonpart import partimagenet_fixture
 from openai_server import (

@@ -55,3 +55,13 @@ def test_user_text_in_errors_and_tables_is_printed_as_written(capsys):
     err = capsys.readouterr().err
     assert f"error: {text}" in err and f"warning: {text}" in err
     assert "runs/[bold]x[/bold]/a :smile:" in captured.get().replace("\n", "")
+
+
+def test_the_train_and_eval_commands_import_no_torch_until_they_run():
+    """`cores --help` imports every command's module: the heavy imports wait for the command."""
+    import subprocess
+    import sys
+
+    code = "import sys, cores_cli.cli.train, cores_cli.cli.evaluate; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'deepspeed')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

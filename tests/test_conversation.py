@@ -8,7 +8,7 @@ import pytest
 from cores_cli.config import tiny
 from cores_cli.configio import apply_overrides
 from cores_cli.contexts import make_exemplar
-from cores_cli.data.conversation import ConversationEncoder, format_question
+from cores_cli.processing.conversation import ConversationEncoder, format_question
 from cores_cli.errors import CoresError
 from cores_cli.model.mllm import add_chain_tokens, build_tiny_tokenizer
 

@@ -175,3 +175,33 @@ def test_samples_from_disk_and_memory_agree(tmp_path):
     model = build_tiny()
     a, b = evaluate(model, disk), evaluate(model, memory)
     assert [(r["intersection"], r["union"]) for r in a.records] == [(r["intersection"], r["union"]) for r in b.records]
+
+
+def test_each_rank_takes_every_world_th_sample_and_one_process_gathers_itself():
+    from cores_cli.engine.distributed import RankInfo, gather_objects, shard
+
+    shares = [shard(5, RankInfo(rank, 2, rank)) for rank in range(2)]
+    assert shares == [[0, 2, 4], [1, 3]]  # no padding: 3 + 2, each sample once
+    assert shard(3, RankInfo(0, 1, 0)) == [0, 1, 2]
+    assert gather_objects({"records": [1]}) == [{"records": [1]}]
+
+
+def test_eval_runs_the_same_command_in_every_process_through_the_launcher():
+    from cores_cli.engine.launch import eval_launch, launch_command
+
+    spec = eval_launch(2, ["eval", "--dataset", "synthetic:val", "--gpus", "2", "-o", "r.json", "--gpus=2"])
+    assert launch_command(spec, python="py") == [
+        "py", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--standalone",
+        "-m", "cores_cli", "eval", "--dataset", "synthetic:val", "-o", "r.json",
+    ]
+
+
+def test_the_launcher_returns_the_status_the_main_process_left(monkeypatch):
+    from cores_cli.engine.launch import STATUS_FILE_ENV, leave_status, run_launched
+
+    monkeypatch.delenv(STATUS_FILE_ENV, raising=False)
+    leaves_3 = "import sys; from cores_cli.engine.launch import leave_status; sys.exit(0 if leave_status(3) else 5)"
+    assert run_launched([sys.executable, "-c", leaves_3]) == 3  # reported by the worker, which exited 0
+    assert run_launched([sys.executable, "-c", "import sys; sys.exit(4)"]) == 4
+    assert run_launched([sys.executable, "-c", "pass"]) == 0
+    assert not leave_status(1)  # not started by run_launched: nothing to leave

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import scene_sample
 
-from cores_cli.data.mixture import Mixture, MixtureDataset, Source, StreamBatches, load_mixture
+from cores_cli.processing.mixture import Mixture, MixtureDataset, Source, StreamBatches, load_mixture
 from cores_cli.engine.train_config import DataConfig, MixtureSource
 from cores_cli.errors import CoresError
 
@@ -88,7 +88,7 @@ def test_dataset_retries_a_sample_that_cannot_be_encoded():
             raise CoresError("too long")
         return SimpleNamespace(meta={})
 
-    transform.rng = None
+    transform.reseed = lambda answers, exemplars: None
     out = MixtureDataset(mix, transform, seed=0)[7]
     assert len(calls) == 2 and out.meta["stream_index"] == 7 and out.meta["mixture_source"] == "s"
 

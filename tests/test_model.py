@@ -206,17 +206,16 @@ def test_later_levels_take_the_previous_mask_as_a_dense_prompt():
 
 def test_in_context_switch_adds_exemplars_to_the_prompt_only():
     from cores_cli.contexts import ExemplarSampler, make_exemplar
-    from cores_cli.data.conversation import ConversationEncoder
-    from cores_cli.data.transform import SampleTransform
+    from cores_cli.ignore_values import IGNORE_INDEX
+    from cores_cli.processing.transform import SampleTransform
 
     lib = [make_exemplar("dog paw", "the end of each leg", "at the bottom of the body", "tough and cushioned with pads", "manual")]
     texts = {}
     for k in (0, 1):
         model = build_tiny(f"prompt.in_context_k={k}")
-        enc = ConversationEncoder(model.tokenizer, model.cfg.prompt, model.cfg.chain, "<image>", model.num_image_tokens)
-        tr = SampleTransform(model.cfg, enc, ExemplarSampler(lib, 0), model.clip_size)
+        tr = SampleTransform.for_model(model, ExemplarSampler(lib, 0))
         e = tr(scene_sample())
-        texts[k] = (model.tokenizer.decode(e.input_ids), [t for t in e.labels if t != -100])
+        texts[k] = (model.tokenizer.decode(e.input_ids), [t for t in e.labels if t != IGNORE_INDEX])
     assert "dog paw" not in texts[0][0]
     assert "What is the dog paw in this image?" in texts[1][0]
     assert "It is tough and cushioned with pads." in texts[1][0]

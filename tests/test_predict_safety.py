@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from conftest import error_lines, invoke_predict
 
-from cores_cli.data.transform import clip_image, longest_side_shape, sam_image, sam_target
+from cores_cli.processing.transform import clip_image, longest_side_shape, sam_image, sam_target
 from cores_cli.engine import batch_predict
 from cores_cli.engine.batch_predict import Job, OutputNamer
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
+from cores_cli.builders.reasonpart import PROMPT_EXAMPLES, PROMPT_VERSION, QuestionRejected, ReasonPartOptions, choose_parts, load_part_table, make_reasonpart, validate_question
 from cores_cli.cli.app import app
 from cores_cli.contexts import load_vocabulary
 from cores_cli.data.masks import rasterize_shapes
@@ -24,16 +26,6 @@ from cores_cli.data.parts import partimagenet_name, pascal_part_name
 from cores_cli.data.reasonseg import read_split_dir
 from cores_cli.data.reasonseg_writer import mask_to_shapes
 from cores_cli.data.registry import load_samples, parse_name, protocol
-from cores_cli.reasonpart_build import (
-    PROMPT_EXAMPLES,
-    PROMPT_VERSION,
-    QuestionRejected,
-    ReasonPartOptions,
-    choose_parts,
-    load_part_table,
-    make_reasonpart,
-    validate_question,
-)
 
 from fixtures_reasonpart import partimagenet_fixture, pascalpart_fixture, ring
 from proc_helpers import kill_after_lines
@@ -372,8 +364,6 @@ def test_user_mistakes_exit_with_one_line(tmp_path, pin, pp):
 
     code, line = run("--source", "partimagenet", "--ann", tmp_path / "nope.json", "--images", pin.images)
     assert code == 1 and "file not found" in line and "nope.json" in line
-    code, line = run("--source", "partimage", "--ann", pin.ann, "--images", pin.images)
-    assert code == 2 and "unknown --source 'partimage'" in line
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": [], "categories": []}))
     code, line = run("--source", "partimagenet", "--ann", bad, "--images", pin.images)
@@ -393,6 +383,34 @@ def test_user_mistakes_exit_with_one_line(tmp_path, pin, pp):
     code, line = run("--source", "partimagenet", "--ann", pin.ann, "--images", pin.images, "--n", "9", "--skip-missing")
     assert code == 1 and "only 5 images" in line
     assert not (tmp_path / "o").exists()  # nothing was written by a refused run
+
+
+@pytest.mark.parametrize(
+    ("option", "wrong", "choices"),
+    [
+        ("--source", "partimage", ("partimagenet", "pascalpart")),
+        ("--questions", "templates", ("chat", "template")),
+        ("--image-mode", "softlink", ("symlink", "hardlink", "copy")),
+        ("--holes", "keep", ("ignore", "fill")),
+    ],
+)
+def test_a_value_outside_an_options_choices_is_typers_usage_error(tmp_path, pin, option, wrong, choices):
+    """Typer checks each choice once, at the command line: exit 2, naming the option, the value
+    and the choices, before anything is read or written."""
+    args = {"--source": "partimagenet", "--questions": "template", option: wrong}
+    r = cli(*(x for pair in args.items() for x in pair), "--ann", pin.ann, "--images", pin.images, "--out", tmp_path / "o")
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.stderr).split())  # the error box, its lines joined
+    listed = ", ".join(f"'{c}'" for c in choices)
+    assert r.exit_code == 2 and "Usage:" in text, r.output
+    assert f"Invalid value for '{option}'" in text and f"'{wrong}' is not one of {listed}" in text, text
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_help_lists_each_options_choices():
+    r = runner.invoke(app, ["make-reasonpart", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    for choices in ("partimagenet|pascalpart", "chat|template", "symlink|hardlink|copy", "ignore|fill"):
+        assert choices in r.stdout, r.stdout
 
 
 # ---- validation, table, polygons -----------------------------------------------------------------

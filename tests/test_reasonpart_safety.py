@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cores_cli.builders.reasonpart import ReasonPartOptions, make_reasonpart, prepare
 from cores_cli.cli.app import app
 from cores_cli.data.parts import load_parts
 from cores_cli.errors import CoresError
-from cores_cli.reasonpart_build import ReasonPartOptions, make_reasonpart, prepare
 
 from fixtures_reasonpart import noise_jpeg, partimagenet_fixture
 from openai_server import ChatRequest, OpenAIServer, json_reply
@@ -136,7 +136,7 @@ class Killed(BaseException):
 def killed_before_the_third_manifest_line(monkeypatch, opts: dict) -> str:
     """Run until the third item's image and JSON are written but not its manifest line, as a kill
     between the two would leave it; the name of that unlisted item."""
-    import cores_cli.reasonpart_build as rb
+    import cores_cli.builders.reasonpart as rb
 
     real_append = rb.append_line
     manifest_lines = []
@@ -290,7 +290,7 @@ def test_a_build_holds_the_lock_from_prepare_to_close(tmp_path, pin):
             prepare(opts)
         assert build.run().complete
     with prepare(opts) as again:
-        assert again.s.existing == 2
+        assert again.summary.existing == 2
 
 
 # ---- items 4 and 12: the annotation file is checked up front -----------------------------------------
@@ -408,7 +408,7 @@ def test_a_replayed_reply_from_another_request_is_rejected_and_asked_again(tmp_p
 
 
 def test_a_manifest_that_is_not_utf8_is_one_line_naming_it(tmp_path):
-    from cores_cli.reasonpart_build import read_journal, read_manifest
+    from cores_cli.builders.reasonpart import read_journal, read_manifest
 
     for read, name in ((read_manifest, "manifest.jsonl"), (read_journal, ".make-reasonpart.journal")):
         bad = tmp_path / name

@@ -15,7 +15,7 @@ from cores_cli.engine.checkpoint import load_checkpoint
 from cores_cli.engine.train_state import read_train_state
 
 ARGS = [
-    "--config", "tiny-synthetic",
+    "--recipe", "tiny-synthetic",
     "--set", "train.steps=6",
     "--set", "train.save_every=2",
     "--set", "train.eval_every=3",

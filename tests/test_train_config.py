@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from cores_cli.cli.app import app
 from cores_cli.engine.deepspeed_setup import deepspeed_config, lr_factor, train_dtype
-from cores_cli.engine.launch import LaunchSpec, launch_command
+from cores_cli.engine.launch import launch_command, train_launch
 from cores_cli.engine.train_config import load_recipe, recipe_from_mapping, recipe_text, shipped_recipes
 from cores_cli.engine.trainer import check_recipe
 from cores_cli.errors import ConfigError, CoresError
@@ -97,23 +98,23 @@ def test_deepspeed_config_carries_the_recipe():
 
 def test_launch_commands(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    one = launch_command(LaunchSpec(8, recipe, master_port=29501), python="py")
+    one = launch_command(train_launch(8, recipe, master_port=29501), python="py")
     assert one == ["py", "-m", "deepspeed.launcher.runner", "--num_gpus", "8", "--master_port", "29501", "--no_local_rank",
-                   "--module", "cores_cli.cli.train_worker", "--recipe", str(recipe)]
+                   "--module", "cores_cli.engine.train_worker", "--recipe", str(recipe)]
     hosts = tmp_path / "hostfile"
     hosts.write_text("node1 slots=8\nnode2 slots=8\n")
-    multi = launch_command(LaunchSpec(8, recipe, nodes=2, hostfile=hosts, resume=True), python="py")
+    multi = launch_command(train_launch(8, recipe, nodes=2, hostfile=hosts, resume=True), python="py")
     assert multi[3:9] == ["--num_gpus", "8", "--hostfile", str(hosts), "--num_nodes", "2"] and multi[-1] == "--resume"
-    tr = launch_command(LaunchSpec(2, recipe, launcher="torchrun", master_port=1234), python="py")
+    tr = launch_command(train_launch(2, recipe, launcher="torchrun", master_port=1234), python="py")
     assert tr == ["py", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1",
-                  "--master_port", "1234", "-m", "cores_cli.cli.train_worker", "--recipe", str(recipe)]
-    tr2 = launch_command(LaunchSpec(4, recipe, nodes=2, launcher="torchrun", master_addr="10.0.0.1", node_rank=1), python="py")
+                  "--master_port", "1234", "-m", "cores_cli.engine.train_worker", "--recipe", str(recipe)]
+    tr2 = launch_command(train_launch(4, recipe, nodes=2, launcher="torchrun", master_addr="10.0.0.1", node_rank=1), python="py")
     assert tr2[5:11] == ["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1"]
     for bad, message in [
-        (LaunchSpec(8, recipe, nodes=2), "needs --hostfile"),
-        (LaunchSpec(8, recipe, nodes=2, hostfile=tmp_path / "missing"), "hostfile not found"),
-        (LaunchSpec(8, recipe, nodes=2, launcher="torchrun"), "--master-addr"),
-        (LaunchSpec(0, recipe), "--gpus 0"),
+        (train_launch(8, recipe, nodes=2), "needs --hostfile"),
+        (train_launch(8, recipe, nodes=2, hostfile=tmp_path / "missing"), "hostfile not found"),
+        (train_launch(8, recipe, nodes=2, launcher="torchrun"), "--master-addr"),
+        (train_launch(0, recipe), "--gpus 0"),
     ]:
         with pytest.raises(CoresError, match=message):
             launch_command(bad)
@@ -122,22 +123,87 @@ def test_launch_commands(tmp_path):
 def test_cli_dry_run_prints_the_launcher_command(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("a slots=8\nb slots=8\n")
-    res = runner.invoke(app, ["train", "--gpus", "8", "--nodes", "2", "--hostfile", str(hosts), "--config", "tiny-synthetic",
+    res = runner.invoke(app, ["train", "--gpus", "8", "--nodes", "2", "--hostfile", str(hosts), "--recipe", "tiny-synthetic",
                               "--run-dir", str(tmp_path / "run"), "--set", "train.lr=2e-4", "--master-port", "29511", "--dry-run"])
     assert res.exit_code == 0, res.output
     launch = [ln for ln in res.stdout.splitlines() if ln.startswith("# launch: ")][0].split()[2:]
     assert launch == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "8", "--hostfile", str(hosts),
-                      "--num_nodes", "2", "--master_port", "29511", "--no_local_rank", "--module", "cores_cli.cli.train_worker",
-                      "--recipe", str(tmp_path / "run" / "recipe.yaml")]
+                      "--num_nodes", "2", "--master_port", "29511", "--no_local_rank", "--module", "cores_cli.engine.train_worker",
+                      "--recipe", str(tmp_path / "run" / "recipe.yaml"), "--reporter", "cores_cli.cli.train_view:for_recipe"]
     assert "lr: 0.0002" in res.stdout and not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
 def test_cli_errors_are_one_line_with_the_key_named(tmp_path):
-    res = runner.invoke(app, ["train", "--gpus", "0", "--config", "tiny-synthetic", "--set", "train.lrr=1"])
+    res = runner.invoke(app, ["train", "--gpus", "0", "--recipe", "tiny-synthetic", "--set", "train.lrr=1"])
     assert res.exit_code == 1 and "train.lrr" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["train", "--gpus", "0", "--resume", "--run-dir", str(tmp_path / "none")])
     assert res.exit_code == 1 and "nothing to resume" in res.output
     res = runner.invoke(app, ["train", "--gpus", "0", "--resume"])
     assert res.exit_code == 2 and "--run-dir" in res.output
-    res = runner.invoke(app, ["train", "--gpus", "0", "--config", "cores-7b"])
+    res = runner.invoke(app, ["train", "--gpus", "0", "--recipe", "cores-7b"])
     assert res.exit_code == 1 and "model.mllm.path" in res.output
+
+
+def _dry_run(tmp_path, *args):
+    return runner.invoke(app, ["train", "--run-dir", str(tmp_path / "run"), "--master-port", "29511", "--dry-run", *args])
+
+
+def test_without_gpus_the_cli_launches_one_process_per_visible_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    res = _dry_run(tmp_path, "--recipe", "tiny-synthetic")
+    assert res.exit_code == 0, res.output
+    assert "no --gpus: 4 visible GPU(s), launching 4 process(es)" in res.stderr
+    launch = [ln for ln in res.stdout.splitlines() if ln.startswith("# launch: ")][0].split()[2:]
+    assert launch[:5] == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "4"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_gpus_and_no_visible_gpu_the_cli_trains_on_the_cpu_in_this_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    res = _dry_run(tmp_path, "--recipe", "tiny-synthetic")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.strip().splitlines() == ["no --gpus and no visible GPU: training on the CPU in this process"]
+    assert "# would train in this process on the CPU" in res.stdout and "device: cpu" in res.stdout
+    assert "# launch:" not in res.stdout
+    # --gpus 0 still means the CPU, and says nothing about visible GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    res = _dry_run(tmp_path, "--recipe", "tiny-synthetic", "--gpus", "0")
+    assert res.exit_code == 0 and "# would train in this process on the CPU" in res.stdout and "no --gpus" not in res.output
+
+
+def test_the_recipe_option_is_recipe_or_r_and_config_is_a_hidden_alias(tmp_path):
+    by_name = {flag: _dry_run(tmp_path, "--gpus", "0", flag, "cores-7b", "--set", "model.mllm.path=/m", "--set", "model.sam.checkpoint=/s")
+               for flag in ("--recipe", "-r", "--config")}
+    assert all(res.exit_code == 0 for res in by_name.values()), {k: r.output for k, r in by_name.items()}
+    assert by_name["--recipe"].stdout == by_name["-r"].stdout == by_name["--config"].stdout
+    assert "hidden_size: 4096" in by_name["--config"].stdout  # cores-7b
+    both = runner.invoke(app, ["train", "--gpus", "0", "--recipe", "tiny-synthetic", "--config", "tiny-synthetic", "--dry-run"])
+    assert both.exit_code == 2 and "--config is the old name of --recipe" in both.output
+    assert runner.invoke(app, ["train", "--gpus", "0", "-c", "tiny-synthetic", "--dry-run"]).exit_code == 2  # -c is a checkpoint
+    help_text = runner.invoke(app, ["train", "--help"]).stdout
+    assert re.search(r"--recipe\s+-r\s", help_text) and "--config" not in help_text
+
+
+def test_train_device_goes_through_the_one_device_decision(monkeypatch):
+    from cores_cli.engine.trainer import training_device
+    from cores_cli.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device(load_recipe("tiny-synthetic").train) == torch.device("cpu")  # auto
+    with pytest.raises(CoresError, match=r"^train\.device 'cuda' asked for, but no CUDA GPU is visible; use --gpus 0"):
+        training_device(load_recipe("tiny-synthetic", ["train.device=cuda"]).train)
+    with pytest.raises(CoresError, match=r"^device 'cuda:1' asked for, but no CUDA GPU is visible$"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device(load_recipe("tiny-synthetic").train) == resolve_device("auto") == torch.device("cuda")
+
+
+def test_a_launched_worker_finds_the_progress_view_cores_train_names(tmp_path):
+    from cores_cli.cli.train import WORKER_VIEW
+    from cores_cli.cli.train_view import TrainView
+    from cores_cli.engine.train_worker import reporter_factory
+
+    assert isinstance(reporter_factory(WORKER_VIEW)(load_recipe("tiny-synthetic")), TrainView)
+    for bad in ("cores_cli.cli.train_view", "cores_cli.cli.train_view:nothing", "no_such_module:view"):
+        with pytest.raises(CoresError, match="names no callable"):
+            reporter_factory(bad)

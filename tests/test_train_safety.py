@@ -162,7 +162,7 @@ def recipe_for(run: Path, *extra: str):
 
 
 def cli_train(run: Path, *flags: str):
-    args = ["train", "--gpus", "0", "--config", "tiny-synthetic", "--run-dir", str(run)]
+    args = ["train", "--gpus", "0", "--recipe", "tiny-synthetic", "--run-dir", str(run)]
     for o in FAST:
         args += ["--set", o]
     return runner.invoke(app, [*args, *flags])
@@ -294,7 +294,7 @@ def test_a_launched_run_is_checked_and_cleared_once_before_its_workers_start(tmp
     (run / "notes.txt").write_text("mine\n")
     launched = []
 
-    def fake_launch(argv):
+    def fake_launch(argv, **_):
         from cores_cli.engine.trainer import check_run_dir
 
         from cores_cli.engine.train_config import recipe_text
@@ -306,7 +306,7 @@ def test_a_launched_run_is_checked_and_cleared_once_before_its_workers_start(tmp
         return 0
 
     monkeypatch.setattr(subprocess, "call", fake_launch)
-    args = ["train", "--gpus", "2", "--launcher", "torchrun", "--config", "tiny-synthetic", "--run-dir", str(run), "--set", "train.device=cpu"]
+    args = ["train", "--gpus", "2", "--launcher", "torchrun", "--recipe", "tiny-synthetic", "--run-dir", str(run), "--set", "train.device=cpu"]
     res = runner.invoke(app, args)
     assert res.exit_code == 1 and "already holds an earlier run's metrics.jsonl" in res.output
     assert not launched  # refused in the launching process: no worker started
@@ -390,7 +390,7 @@ def test_commands_report_a_zero_size_in_one_line(command, tmp_path):
     common = {
         "predict": ["predict", "--example", "--preset", "tiny", "-o", str(tmp_path / "out")],
         "eval": ["eval", "--preset", "tiny", "--dataset", "synthetic:val", "--opt", "n=2"],
-        "train": ["train", "--gpus", "0", "--config", "tiny-synthetic", "--run-dir", str(tmp_path / "run")],
+        "train": ["train", "--gpus", "0", "--recipe", "tiny-synthetic", "--run-dir", str(tmp_path / "run")],
     }[command]
     for bad in (f"{key}=0", key.replace("sam.image_size", "lora.r") + "=0"):
         res = runner.invoke(app, [*common, "--set", bad])
@@ -448,7 +448,7 @@ def test_a_sigkilled_run_restarted_with_the_same_command_is_refused_and_overwrit
     from proc_helpers import kill_after_lines
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cores_cli", "train", "--gpus", "0", "--config", "tiny-synthetic", "--run-dir", str(run)]
+    cmd = [sys.executable, "-m", "cores_cli", "train", "--gpus", "0", "--recipe", "tiny-synthetic", "--run-dir", str(run)]
     for o in FAST:
         cmd += ["--set", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -16,7 +16,7 @@ app = typer.Typer(
     name="cores",
     help="CoReS reasoning segmentation: ask a question about an image, get the mask of the answer.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

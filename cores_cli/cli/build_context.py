@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ..context_build import BuildOptions, BuildSummary, resolve_api_key
-from ..context_build import build_context as run_build
+from ..builders.chat_settings import resolve_api_key
+from ..builders.context_library import BuildOptions, BuildSummary
+from ..builders.context_library import build_context as run_build
 from . import chat_run as chat
 from .common import clean_errors
 

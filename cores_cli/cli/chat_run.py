@@ -12,7 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..context_build import BuildProgress, ChatSettings, RunSummary, format_counts
+from ..builders.chat_loop import BuildProgress, RunSummary, format_counts
+from ..builders.chat_settings import ChatSettings
 from .common import err_console, fail, stdout_line
 
 S = TypeVar("S", bound=RunSummary)
@@ -51,7 +52,7 @@ JSON_OUTPUT = typer.Option(False, "--json", help="Print the summary as JSON on s
 def chat_settings(model: str, base_url: str | None, temperature: float, concurrency: int, timeout: float, retries: int,
                   backoff: float, max_failures: int, max_barren: int, json_mode: bool, seed: int,
                   max_consecutive: int = ChatSettings.max_consecutive_failures) -> dict:
-    """The :class:`~cores_cli.context_build.ChatSettings` fields from the options above."""
+    """The :class:`~cores_cli.builders.chat_settings.ChatSettings` fields from the options above."""
     return dict(model=model, base_url=base_url, temperature=temperature, concurrency=concurrency, timeout=timeout,
                 retries=retries, backoff=backoff, max_failed_requests=max_failures, max_barren_replies=max_barren,
                 max_consecutive_failures=max_consecutive, json_mode=json_mode, seed=seed)

@@ -1,13 +1,16 @@
-"""`cores eval`: gIoU / cIoU / mIoU on a named dataset, LISA's protocol, printed with it."""
+"""`cores eval`: gIoU / cIoU / mIoU on a named dataset, LISA's protocol, printed with it.
+
+The command parses its options, calls :func:`cores_cli.engine.eval_run.run_eval` and renders
+what it reports (:class:`EvalConsole`); torch is imported only once the command runs.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 import yaml
@@ -15,8 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import CoresError
-from ..runtime import resolve_device, resolve_dtype
 from .common import clean_errors, err_console, fail, stdout_line, warn
+
+if TYPE_CHECKING:  # names only: the engine imports torch
+    from ..engine.eval_run import EvalRequest, EvalRun, WarningSummary
 
 
 def _reader_options(opts: list[str], queries: str | None) -> dict:
@@ -31,29 +36,11 @@ def _reader_options(opts: list[str], queries: str | None) -> dict:
     return out
 
 
-_STATUS_ENV = "CORES_EVAL_STATUS_FILE"
-"""Set by :func:`_relaunch`: where rank 0 leaves the exit status of an error it met after the
-evaluation, which it reports itself and then exits 0."""
-
-
-def _relaunch(gpus: int, argv: list[str]) -> int:
-    """Run this same command in ``gpus`` processes through torchrun (one per GPU, or CPU
-    processes with gloo when there is no GPU); their exit status."""
-    args = [a for i, a in enumerate(argv) if a != "--gpus" and (i == 0 or argv[i - 1] != "--gpus") and not a.startswith("--gpus=")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "cores_cli", *args]
-    with tempfile.TemporaryDirectory(prefix="cores-eval-") as tmp:
-        status = Path(tmp) / "status"
-        code = subprocess.call(cmd, env={**os.environ, _STATUS_ENV: str(status)})
-        if code == 0 and status.is_file():
-            code = int(status.read_text(encoding="utf-8").strip() or "1")
-    return code
-
-
 @clean_errors
 def evaluate(
     dataset: str = typer.Option(..., "--dataset", "-d", help="reasonseg:val, reasonseg:test:short|long, refcoco:unc:val, refcocog:umd:test, partimagenet:val, pascalpart:val, synthetic:val, reasonpart:DIR (the --out of make-reasonpart), ..."),
     data_root: Path = typer.Option(None, "--data-root", help="Folder holding the datasets in LISA's layout (not needed for synthetic:*)."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory; default: the tiny model shipped with cores, trained on the synthetic benchmark."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory, or a Hugging Face Hub id org/name[@revision] holding one; default: the tiny model shipped with cores, trained on the synthetic benchmark."),
     preset: str = typer.Option(None, "--preset", help="Evaluate a preset with RANDOM weights (a smoke run of the protocol)."),
     set_: list[str] = typer.Option([], "--set", help="Override a model setting, e.g. --set prompt.in_context_k=0 (repeatable)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass (teacher-forced mode)."),
@@ -88,8 +75,7 @@ def evaluate(
     stderr and in the results JSON) are scored as read unless --strict; a sample whose image
     cannot be decoded is left out of the metrics and listed the same way.
     """
-    from ..engine.eval_run import EvalRequest, check_outputs, compute_eval, init_distributed_from_env
-    from ..engine.loading import load_for_inference
+    from ..engine.eval_run import EvalRequest, run_eval
 
     req = EvalRequest(
         dataset=dataset,
@@ -105,116 +91,74 @@ def evaluate(
         vis_dir=vis_dir,
         context_library=context_library,
         strict=strict,
+        checkpoint=checkpoint,
+        preset=preset,
+        model_overrides=list(set_),
+        device=device,
+        dtype=dtype,
+        processes=gpus,
     )
-    # before any process, sample or model is started: a place that cannot take the results
-    check_outputs(req)
-    if gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        # read and check here first, so bad input stops with one line, not one per process
-        _read_and_check(req, checkpoint, report=strict)
-        raise typer.Exit(_relaunch(gpus, sys.argv[1:]))
-    import torch.distributed as torch_dist
-
-    joined = not torch_dist.is_initialized()  # a group we start here is ours to shut down
-    dev = init_distributed_from_env(device) or resolve_device(device)
-    joined = joined and torch_dist.is_initialized()
-    main = int(os.environ.get("RANK", "0")) == 0
-    samples, _ = _read_and_check(req, checkpoint, report=main)
-    loaded = load_for_inference(checkpoint, preset, list(set_), dev, resolve_dtype(dtype, dev), seed)
-    if loaded.random_weights and main:
-        warn(f"{loaded.source}: the numbers only exercise the protocol")
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # the dataset name is the user's text: printed as written, never read as Rich markup
-    with Progress(TextColumn("evaluating {task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not main) as bar:
-        def factory(total: int):
-            # the bar counts this process's share; say so when the others' are not in it
-            label = dataset if world <= 1 else f"{dataset} (process 1 of {world}, its share)"
-            task = bar.add_task(label, total=total)
-            return lambda n: bar.advance(task, n)
-
-        run = compute_eval(req, loaded, samples, factory)
-    if joined:
-        # the last collective is behind us; a gloo group left to the interpreter's exit can abort
-        # a rank ("terminate called without an active exception") after all the work is done
-        torch_dist.destroy_process_group()
-    if not main:
-        return
-    status_file = os.environ.get(_STATUS_ENV)
-    try:
-        _report_and_write(req, loaded, run, json_out)
-    except CoresError as e:
-        if not status_file:
-            raise
-        # under our own launcher a worker's exit 1 makes torchrun print a traceback of its own:
-        # the error is one line here, and the status goes to the launching process
-        fail(str(e))
-        Path(status_file).write_text("1", encoding="utf-8")
+    # with --gpus N this same command line runs in every process (without its --gpus)
+    outcome = run_eval(req, EvalConsole(dataset, json_out), command=sys.argv[1:])
+    if outcome.exit_code != 0:
+        raise typer.Exit(outcome.exit_code)
 
 
-def _report_and_write(req, loaded, run, json_out: bool) -> None:
-    """Rank 0 after evaluating: the numbers, the warnings, the files; errors last."""
-    from ..engine.eval_run import refuse_left_out
+class EvalConsole:
+    """The terminal view of an evaluation (:class:`~cores_cli.engine.eval_run.EvalView`):
+    warnings and progress on stderr, the table, and the results on stdout with ``--json``."""
 
-    if len(run.left_out) == len(run.samples):
-        first, why = next(iter(run.left_out.items()))
-        raise CoresError(f"none of the {len(run.samples)} samples could be evaluated, no image could be read (the first: {first}: {why})")
-    # the numbers are shown before any file is written, so a failed write loses nothing
-    if json_out:
-        stdout_line(json.dumps({"dataset": req.dataset, "protocol": run.protocol, "metrics": run.result.metrics, "warnings": run.warnings}))
-    _print_table(run.result.metrics, run.protocol, loaded.source)
-    if run.left_out:
-        _print_left_out(run, req.strict)
-    if run.summary is not None and run.summary.affected:
-        err_console.print(f"  reader warnings: {run.summary.headline()}; listed above" + (" and in the results JSON" if req.output else ""), markup=False, highlight=False)
-    written = _write_or_keep(req, loaded, run, json_out)
-    if written:
-        err_console.print("wrote " + _describe_written(written), markup=False, highlight=False)
-    if req.strict:
-        refuse_left_out(run)
+    def __init__(self, dataset: str, json_out: bool) -> None:
+        self.dataset = dataset
+        self.json_out = json_out
+        self.bar: Progress | None = None
 
+    def warnings(self, summary: WarningSummary, strict: bool) -> None:
+        lines = summary.lines(strict)
+        if lines:
+            warn(lines[0])
+            for line in lines[1:]:
+                err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-def _read_and_check(req, checkpoint: Path | None, report: bool):
-    """The samples and their warning summary, after the checks that need them: no output may
-    be an input or lie in a folder of the dataset, and ``--strict`` refuses warned samples.
-    ``report`` prints the warnings."""
-    from ..engine.eval_run import WarningSummary, check_outputs, input_files, limit_samples, protected_folders, read_samples, refuse_warnings
+    def random_weights(self, source: str) -> None:
+        warn(f"{source}: the numbers only exercise the protocol")
 
-    # inputs are listed from every sample read, before --limit cuts the list
-    everything = read_samples(req)
-    samples = limit_samples(req, everything)
-    check_outputs(req, input_files(req, everything, checkpoint), protected_folders(req, everything))
-    summary = WarningSummary.of(samples)
-    if report:
-        _print_warnings(summary, req.strict)
-    if req.strict:
-        refuse_warnings(summary)
-    return samples, summary
+    def evaluating(self, total: int, world: int) -> Callable[[int], None]:
+        # the dataset name is the user's text: printed as written, never read as Rich markup
+        self.bar = Progress(TextColumn("evaluating {task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console)
+        self.bar.start()
+        # the bar counts this process's share; say so when the others' are not in it
+        label = self.dataset if world <= 1 else f"{self.dataset} (process 1 of {world}, its share)"
+        task = self.bar.add_task(label, total=total)
+        bar = self.bar
+        return lambda n: bar.advance(task, n)
 
+    def evaluated(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
-def _write_or_keep(req, loaded, run, json_out: bool) -> list[Path]:
-    """Write the outputs; if one fails, say where the computed metrics still are (printing the
-    results JSON on stdout when no file and no --json holds them) and exit 1."""
-    from ..engine.eval_run import OutputWriteError, results_document, write_outputs
+    def results(self, req: EvalRequest, run: EvalRun, source: str) -> None:
+        if self.json_out:
+            stdout_line(json.dumps({"dataset": req.dataset, "protocol": run.protocol, "metrics": run.result.metrics, "warnings": run.warnings}))
+        _print_table(run.result.metrics, run.protocol, source)
+        if run.left_out:
+            _print_left_out(run, req.strict)
+        if run.summary is not None and run.summary.affected:
+            err_console.print(f"  reader warnings: {run.summary.headline()}; listed above" + (" and in the results JSON" if req.output else ""), markup=False, highlight=False)
 
-    try:
-        return write_outputs(req, loaded, run)
-    except OutputWriteError as e:
-        if req.output is not None and all(path != req.output for path, _ in e.failed):
-            raise CoresError(f"{e}; the metrics were written to {req.output}") from None
-        if not json_out:
-            stdout_line(json.dumps(results_document(req, loaded, run, None), ensure_ascii=False))
-        raise CoresError(f"{e}; the metrics were computed and are in the JSON printed on stdout") from None
+    def unsaved(self, document: dict[str, Any]) -> None:
+        if not self.json_out:  # else the --json line already holds the metrics
+            stdout_line(json.dumps(document, ensure_ascii=False))
 
+    def written(self, paths: list[Path]) -> None:
+        err_console.print("wrote " + _describe_written(paths), markup=False, highlight=False)
 
-def _print_warnings(summary, strict: bool) -> None:
-    lines = summary.lines(strict)
-    if lines:
-        warn(lines[0])
-        for line in lines[1:]:
-            err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    def error(self, message: str) -> None:
+        fail(message)
 
 
-def _print_left_out(run, strict: bool) -> None:
+def _print_left_out(run: EvalRun, strict: bool) -> None:
     """Samples found unreadable while evaluating: after the table, since only now are they known."""
     n = len(run.left_out)
     fate = "--strict fails the run once the results are written" if strict else "the metrics are over the other samples"

@@ -33,7 +33,3 @@ def export(
     dest = export_checkpoint(checkpoint, out, dtype=dtype, overwrite=overwrite)
     err_console.print(f"exported {checkpoint} → {dest} (HF LLaVA in {dest / 'llava'})", markup=False, soft_wrap=True)
     stdout_line(str(dest))
-
-
-if __name__ == "__main__":  # `python -m cores_cli.cli.export CKPT OUT` until `cores export` is registered
-    typer.run(export)

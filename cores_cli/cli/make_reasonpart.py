@@ -6,32 +6,27 @@ from pathlib import Path
 
 import typer
 
-from ..context_build import format_counts, resolve_api_key
-from ..reasonpart_build import SOURCES, ReasonPartOptions, ReasonPartSummary, prepare
+from ..builders.chat_loop import format_counts
+from ..builders.chat_settings import resolve_api_key
+from ..builders.reasonpart import HoleMode, ImageMode, PartDataset, QuestionMode, ReasonPartOptions, ReasonPartSummary, prepare
 from . import chat_run as chat
-from .common import clean_errors, fail
-
-_CHOICES = {
-    "--questions": ("chat", "template"),
-    "--image-mode": ("symlink", "hardlink", "copy"),
-    "--holes": ("ignore", "fill"),
-}
+from .common import clean_errors
 
 
 @clean_errors
 def make_reasonpart(
-    source: str = typer.Option(..., "--source", help="partimagenet or pascalpart: how to read --ann's category names and image paths."),
+    source: PartDataset = typer.Option(..., "--source", help="partimagenet or pascalpart: how to read --ann's category names and image paths."),
     ann: Path = typer.Option(..., "--ann", help="COCO-format part annotation file (PartImageNet val.json, PASCAL-Part val.json, ...)."),
     images: Path = typer.Option(..., "--images", help="Image folder of that annotation file (PartImageNet: {wnid}/ subfolders or flat)."),
     out: Path = typer.Option(..., "--out", help="Output folder: OUT/SPLIT/NAME.jpg + NAME.json (ReasonSeg format) and OUT/manifest.jsonl."),
     n: int = typer.Option(None, "--n", min=1, help="Images in the benchmark (default: every image with a part); a failed image is replaced by the next."),
     split: str = typer.Option(None, "--split", help="Folder inside OUT (default: the --source name, so one OUT holds both halves)."),
-    questions: str = typer.Option("chat", "--questions", help="chat: ask the chat model; template: the shipped part→function table (no key, no network)."),
+    questions: QuestionMode = typer.Option(QuestionMode.chat, "--questions", help="chat: ask the chat model; template: the shipped part→function table (no key, no network)."),
     parts_per_image: int = typer.Option(1, "--parts-per-image", min=1, help="Part classes asked about per image (one item each)."),
     min_area: float = typer.Option(0.005, "--min-area", min=0.0, max=0.999, help="Prefer parts covering at least this fraction of the image."),
     seed: int = typer.Option(0, "--seed", help="Image order, part choice and template phrasing."),
-    image_mode: str = typer.Option("symlink", "--image-mode", help="symlink (absolute), hardlink or copy the images into OUT/SPLIT."),
-    holes: str = typer.Option("ignore", "--holes", help="Holes inside a part: ignore (255, exact target) or fill (counted as part)."),
+    image_mode: ImageMode = typer.Option(ImageMode.symlink, "--image-mode", help="symlink (absolute), hardlink or copy the images into OUT/SPLIT."),
+    holes: HoleMode = typer.Option(HoleMode.ignore, "--holes", help="Holes inside a part: ignore (255, exact target) or fill (counted as part)."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out images named in --ann but missing from --images."),
     model: str = chat.MODEL,
     base_url: str = chat.BASE_URL,
@@ -56,21 +51,16 @@ def make_reasonpart(
 
     Example: cores make-reasonpart --source partimagenet --ann val.json --images val/ --out reasonpart/
     """
-    if source not in SOURCES:
-        raise fail(f"unknown --source {source!r}; choose {' or '.join(SOURCES)}", 2)
-    for flag, value in (("--questions", questions), ("--image-mode", image_mode), ("--holes", holes)):
-        if value not in _CHOICES[flag]:
-            raise fail(f"unknown {flag} {value!r}; choose {', '.join(_CHOICES[flag])}", 2)
     settings = chat.chat_settings(model, base_url, temperature, concurrency, timeout, retries, backoff, max_failures, max_barren, json_mode, seed, max_consecutive)
     options = ReasonPartOptions(
         source=source, ann=ann, images=images, out=out, n=n, split=split, parts_per_image=parts_per_image,
         min_area=min_area, questions=questions, image_mode=image_mode, holes=holes, batch_size=batch_size,
         few_shot=few_shot, item_attempts=attempts, skip_missing=skip_missing, table=table, **settings,
     )
-    api_key = resolve_api_key(base_url, command="make-reasonpart --questions chat") if questions == "chat" else None
+    api_key = resolve_api_key(base_url, command="make-reasonpart --questions chat") if questions is QuestionMode.chat else None
     # mistakes in options and files are reported before the bar; the build holds OUT's lock
     with prepare(options, api_key) as build:
-        summary = chat.run_with_progress("making reasonpart (images)", build.s.target, build.run)
+        summary = chat.run_with_progress("making reasonpart (images)", build.summary.target, build.run)
     chat.finish(summary, _summary_table(summary), json_output)
 
 

@@ -8,19 +8,16 @@ the write protocol.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from ..bundled import EXAMPLE_QUERY, example_image
 from ..errors import CoresError
 from ..images import DEFAULT_MAX_PIXELS
-from ..runtime import resolve_device, resolve_dtype
 from .common import clean_errors, err_console, fail, stdout_line, warn
 
 
@@ -35,22 +32,11 @@ class StyleChoice(str, Enum):
     phrase = "phrase"
 
 
-# synthetic:test scene 106 (seed 0): a car beside a tree, with a loose dark disc that looks like
-# a wheel; the shipped model never saw it in training
-EXAMPLE_QUERY = "What does this car roll on when it moves forward?"
-
-
-def example_image() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("cores_cli") / "assets" / "example.png"))
-
-
 @clean_errors
 def predict(
     image: str = typer.Argument(None, help="An image, a folder of images, a quoted glob like 'photos/*.jpg', or - to read JSONL lines {\"image\": ..., \"query\": ..., \"id\": ...} from stdin."),
     query: str = typer.Argument(None, help="The question or description, e.g. \"what gives dogs their sense of smell?\". With stdin JSONL it is the default for lines without a query."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory (see `cores train`); default: the tiny model shipped with cores, trained on the synthetic benchmark."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory (see `cores train`), or a Hugging Face Hub id org/name[@revision] holding one; default: the tiny model shipped with cores, trained on the synthetic benchmark."),
     preset: str = typer.Option(None, "--preset", help="Build a preset with RANDOM weights instead (tiny, llava-1.5-7b, llava-1.5-13b): for smoke runs only."),
     set_: list[str] = typer.Option([], "--set", help="Override a model setting, e.g. --set prompt.in_context_k=0 (repeatable)."),
     out: Path = typer.Option(Path("cores_out"), "--out", "-o", help="Folder for NAME.mask.png, NAME.overlay.png and NAME.json. NAME: the image's path under the folder or glob given, without suffix, folders joined by __ (a/photo.jpg -> a__photo); for stdin the id, else the stem. A name two items would share gets a short hash (photo-1a2b3c4d) on the later one. Only files cores predict wrote are replaced; any other file at an output name makes that item fail."),
@@ -81,7 +67,8 @@ def predict(
     2 for a usage mistake, 130 / 143 when stopped by SIGINT / SIGTERM (the item in progress is
     discarded; the finished ones stay).
     """
-    from ..engine.batch_predict import Interrupted, StopSignals, jobs_from_argument, jobs_from_jsonl, prepare_output_dir
+    from ..engine.batch_predict import Interrupted, jobs_from_argument, jobs_from_jsonl, prepare_output_dir
+    from ..engine.predict_run import PredictOutcome, PredictRequest, run_predict
 
     if example:
         if image is not None:
@@ -101,92 +88,60 @@ def predict(
         total = len(jobs)
     prepare_output_dir(out)  # a bad --out fails now, not after the model has loaded
 
-    batch = _Batch(out, mode.value, style.value, max_pixels, json_out)
+    request = PredictRequest(out, checkpoint, preset, list(set_), device, dtype, context_library, seed, mode.value, style.value, max_pixels)
+    outcome = PredictOutcome()
     try:
-        with _output_lock(out), StopSignals() as signals:
-            predictor, model_info = _load_predictor(checkpoint, preset, set_, device, dtype, context_library, seed)
-            batch.run(jobs, total, predictor, model_info, signals)
+        run_predict(request, jobs, total, _View(json_out), outcome)
     except Interrupted as exc:
-        n = len(batch.done)
+        n = len(outcome.done)
         written = f"{n} item{'s' if n != 1 else ''} written to {out}" if n else "nothing written"
         raise fail(f"stopped by {exc.signal_name}: {written}; no item was left half written", code=exc.exit_code) from None
 
     if not json_out:
-        for r in batch.done:
+        for r in outcome.done:
             o = r["outputs"]
             stdout_line(f"{r['image']}: mask {o['mask']}  overlay {o['overlay']}  record {o['json']}  (area {r['mask_fraction']:.1%})")
-    n = len(batch.done) + len(batch.failed)
-    if n == 0:
+    if outcome.total == 0:
         raise fail("no input items (stdin was empty)")
-    if batch.failed:
+    if outcome.failed:
         # one item: its own error line already says everything
-        raise fail(f"{len(batch.failed)} of {n} items failed; {len(batch.done)} written to {out}") if n > 1 else typer.Exit(1)
+        n = outcome.total
+        raise fail(f"{len(outcome.failed)} of {n} items failed; {len(outcome.done)} written to {out}") if n > 1 else typer.Exit(1)
 
 
-@contextlib.contextmanager
-def _output_lock(out: Path) -> Iterator[None]:
-    """One run per output folder; the leftovers of a killed one are removed under the lock."""
-    from ..engine.batch_predict import output_dir_lock, remove_stale_temporaries
+class _View:
+    """What a run shows: a progress bar for several items, errors and warnings on stderr, and
+    with --json each record (or failure) as one line on stdout as soon as it is final."""
 
-    with output_dir_lock(out):
-        stale = remove_stale_temporaries(out)
-        if stale:
-            warn(f"removed {len(stale)} unfinished file{'s' if len(stale) != 1 else ''} that an interrupted run left in {out}")
-        yield
+    def __init__(self, json_out: bool) -> None:
+        self.json_out = json_out
+        self.bar: Progress | None = None
+        self.task = None
 
+    def warning(self, message: str) -> None:
+        warn(message)
 
-def _load_predictor(checkpoint, preset, set_, device, dtype, context_library, seed):
-    """The model once for the whole batch, and the record's ``model`` entry."""
-    from ..engine.loading import exemplar_sampler, load_for_inference
-    from ..engine.predictor import Predictor
+    def started(self, total: int | None) -> None:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.bar = Progress(*columns, console=err_console, disable=not (total is None or total > 1), transient=False)
+        self.bar.start()
+        self.task = self.bar.add_task("predicting", total=total)
 
-    dev = resolve_device(device)
-    loaded = load_for_inference(checkpoint, preset, list(set_), dev, resolve_dtype(dtype, dev), seed)
-    if loaded.random_weights:
-        warn(f"{loaded.source}: masks are meaningless; use --checkpoint for real predictions")
-    if loaded.report is not None and loaded.report.unexpected:
-        warn(f"checkpoint has tensors the model does not use: {loaded.report.summary()}")
-    predictor = Predictor(loaded.model, exemplar_sampler(loaded.model, context_library, seed), seed=seed)
-    model_info = {"source": loaded.source, "preset": loaded.model.cfg.preset, "chain_depth": loaded.model.cfg.chain.depth}
-    return predictor, model_info
+    def item_done(self, record: dict) -> None:
+        from ..engine.batch_predict import json_text
 
+        if self.json_out:
+            stdout_line(json_text(record))
+        self.bar.advance(self.task)
 
-@dataclass
-class _Batch:
-    """One run's items: each predicted, written and reported; a bad one does not stop the rest."""
+    def item_failed(self, job, error: CoresError) -> None:
+        from ..engine.batch_predict import json_text
 
-    out: Path
-    mode: str
-    style: str
-    max_pixels: int
-    json_out: bool
-    done: list[dict] = field(default_factory=list)
-    failed: list = field(default_factory=list)
+        fail(str(error))
+        if self.json_out:
+            stdout_line(json_text({"image": job.image, "id": job.id, "error": str(error)}))
+        self.bar.advance(self.task)
 
-    def run(self, jobs, total: int | None, predictor, model_info: dict, signals) -> None:
-        from ..engine.batch_predict import OutputNamer, json_text, prepare_job
-
-        # a folder's or glob's files are all known up front: no output may land on one of them
-        namer = OutputNamer(self.out, [j.image for j in jobs] if total is not None else [], predictor.reserved_tokens())
-        show_bar = total is None or total > 1
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, disable=not show_bar, transient=False) as bar:
-            task = bar.add_task("predicting", total=total)
-            for job in jobs:  # a signal while waiting for the next stdin line stops here
-                try:
-                    staged = prepare_job(predictor, job, namer.paths_for(job), self.mode, self.style, self.max_pixels, model_info)
-                    try:
-                        # a signal waits while the files move into place and the item is reported
-                        with signals.deferred():
-                            self.done.append(staged.commit())
-                            if self.json_out:
-                                stdout_line(json_text(self.done[-1]))
-                    except BaseException:
-                        staged.discard()  # temporaries not yet moved; nothing once committed
-                        raise
-                except CoresError as exc:
-                    self.failed.append(job)
-                    fail(str(exc))
-                    if self.json_out:
-                        stdout_line(json_text({"image": job.image, "id": job.id, "error": str(exc)}))
-                bar.advance(task)
-                signals.check()
+    def finished(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -144,3 +144,11 @@ class TrainView:
             table.add_row("validation", self._eval_line(self.last_eval))
         table.add_row("checkpoint", self.last_saved)
         return Group(self.progress, table)
+
+
+def for_recipe(recipe) -> TrainView:
+    """The view of a run of ``recipe`` on stderr: ``cores train``'s, in this process and (named
+    by ``cores train``) on rank 0 of the workers it launches."""
+    from .common import err_console
+
+    return TrainView(err_console, recipe.train.log_every)

@@ -6,6 +6,7 @@ record's rounds into samples of at most ``k`` rounds.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any, TypeVar
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import CoresError
+
+log = logging.getLogger("cores.data")
 
 T = TypeVar("T")
 
@@ -85,6 +88,15 @@ def missing_images_error(missing: Sequence[Path], total: int, what: str, hint: s
     """``hint`` says how to go on without them, in the words of the caller (an option, a flag);
     the default names the option of each front end, since readers do not know which called them."""
     return CoresError(f"{what}: {len(missing)} of {total} images are missing, the first is {missing[0]} ({hint})")
+
+
+def check_missing_images(missing: Sequence[Path], total: int, what: str, left_out: str, skip_missing: bool, hint: str | None = None) -> None:
+    """Refuse a dataset with missing images (:func:`missing_images_error`), or with
+    ``skip_missing`` log how many ``left_out`` items (e.g. "annotation(s) without an image") were."""
+    if missing and not skip_missing:
+        raise missing_images_error(missing, total, what, *([hint] if hint else []))
+    if missing:
+        log.warning("%s: left out %d %s", what, len(missing), left_out)
 
 
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}

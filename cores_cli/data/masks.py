@@ -36,7 +36,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .records import IGNORE, MaskSpec, ReaderWarning
+from ..ignore_values import IGNORE
+from .records import MaskSpec, ReaderWarning
 
 COORD_LIMIT = 2**30
 """Coordinates beyond ±2^30 px cannot be cast to int32 safely; such shapes are skipped."""

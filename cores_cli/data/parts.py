@@ -57,9 +57,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ..errors import CoresError
-from .layout import DirIndex, chunk, first_existing, load_json, missing_images_error, require_dir
+from .layout import DirIndex, check_missing_images, chunk, first_existing, load_json, require_dir
 from .masks import CocoMask, Polygon, Rle, parse_coco_segmentation
-from .records import QARound, ReaderWarning, SegSample
+from .records import QARound, ReaderWarning, SegSample, records_of_image
 
 log = logging.getLogger("cores.data")
 
@@ -381,11 +381,6 @@ def read_coco_parts(
         meta: dict[str, Any] = {"image_id": image_id, "image_size": (h, w), "file_name": img["file_name"], "classes": classes}
         if warnings:
             meta["warnings"] = warnings
-        for g, group in enumerate(groups):
-            sid = f"{name}/{image_id}" + (f"#{g}" if len(groups) > 1 else "")
-            samples.append(SegSample(sid, str(path), tuple(group), source.dataset, dict(meta)))
-    if missing and not skip_missing:
-        raise missing_images_error(missing, len(by_image), name, *([missing_hint] if missing_hint else []))
-    if missing:
-        log.warning("%s: left out %d image(s) that are missing", name, len(missing))
+        samples.extend(records_of_image(f"{name}/{image_id}", str(path), groups, source.dataset, meta))
+    check_missing_images(missing, len(by_image), name, "image(s) that are missing", skip_missing, missing_hint)
     return samples

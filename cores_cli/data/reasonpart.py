@@ -1,6 +1,6 @@
 """ReasonPart reader: the output of ``cores make-reasonpart``, read as ReasonSeg (paper App. C).
 
-Layout (what :mod:`cores_cli.reasonpart_build` writes)::
+Layout (what :mod:`cores_cli.builders.reasonpart` writes)::
 
     DIR/manifest.jsonl                 one line per (image, part) item: provenance
     DIR/{split}/NAME.jpg + NAME.json   ReasonSeg format; {split} is partimagenet, pascalpart, ...

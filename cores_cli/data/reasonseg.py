@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import CoresError
-from .layout import DirIndex, chunk, load_json, missing_images_error, require_dir, upright_size
+from .layout import DirIndex, check_missing_images, chunk, load_json, require_dir, upright_size
 from .masks import LabelmePolygonMask, PolygonShape, parse_labelme_shapes, shapes_beyond, shapes_outside
-from .records import QARound, ReaderWarning, SegSample
+from .records import QARound, ReaderWarning, SegSample, records_of_image
 
 log = logging.getLogger("cores.data")
 
@@ -163,13 +163,8 @@ def read_split_dir(
         if subset is not None and meta["is_sentence"] != (subset == "long"):
             continue
         groups = chunk(rounds, rounds_per_sample)
-        for g, group in enumerate(groups):
-            sid = f"{dataset}/{directory.name}/{jp.stem}" + (f"#{g}" if len(groups) > 1 else "")
-            samples.append(SegSample(sid, str(image), tuple(group), dataset, dict(meta)))
-    if missing and not skip_missing:
-        raise missing_images_error(missing, len(jsons), f"{dataset} ({directory})")
-    if missing:
-        log.warning("%s: left out %d annotation(s) without an image in %s", dataset, len(missing), directory)
+        samples.extend(records_of_image(f"{dataset}/{directory.name}/{jp.stem}", str(image), groups, dataset, meta))
+    check_missing_images(missing, len(jsons), f"{dataset} ({directory})", "annotation(s) without an image", skip_missing)
     return samples
 
 

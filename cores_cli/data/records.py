@@ -1,7 +1,7 @@
 """Plain sample records: what every dataset reader produces, before any tensor exists.
 
 A reader parses its files into :class:`SegSample` records (cheap, picklable, no pixels).
-One shared transform (``cores_cli.data.transform``) later opens the image, rasterises each
+One shared transform (``cores_cli.processing.transform``) later opens the image, rasterises each
 round's :class:`MaskSpec` at the image's size, and builds the model's tensors.
 
 Mask values: 0 background, 1 target, 255 ignore (LISA's convention). Training treats 255 as
@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-
-IGNORE = 255
 
 WARNING_KINDS: dict[str, str] = {
     "shapes_not_list": "the annotation's 'shapes' is not a list (a dict, a string, ...): no mask",
@@ -122,3 +120,9 @@ class SegSample:
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     image_array: np.ndarray | None = field(default=None, repr=False, hash=False, compare=False)
     """Pixels already in memory (uint8 H×W×3, upright); when set, ``image_path`` is only a name."""
+
+
+def records_of_image(base_id: str, image_path: str, groups: list[list[QARound]], dataset: str, meta: dict[str, Any]) -> list[SegSample]:
+    """One record per group of an image's rounds; ``#g`` tells them apart when there are several."""
+    suffix = len(groups) > 1
+    return [SegSample(base_id + (f"#{g}" if suffix else ""), image_path, tuple(group), dataset, dict(meta)) for g, group in enumerate(groups)]

@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CoresError
-from .layout import DirIndex, chunk, load_json, missing_images_error, require_dir, require_file
+from .layout import DirIndex, check_missing_images, chunk, load_json, require_dir, require_file
 from .masks import CocoMask, Polygon, Rle, parse_coco_segmentation
-from .records import QARound, ReaderWarning, SegSample
+from .records import QARound, ReaderWarning, SegSample, records_of_image
 
 log = logging.getLogger("cores.data")
 
@@ -201,13 +201,8 @@ def load_refer(
         meta: dict[str, Any] = {"image_id": image_id, "ref_ids": [r["ref_id"] for r in by_image[image_id]], "image_size": (h, w)}
         if warnings:
             meta["warnings"] = warnings
-        for g, group in enumerate(groups):
-            sid = f"{name}/{image_id}" + (f"#{g}" if len(groups) > 1 else "")
-            samples.append(SegSample(sid, str(image_path), tuple(group), dataset, dict(meta)))
-    if missing and not skip_missing:
-        raise missing_images_error(missing, len(by_image), f"{name} ({image_dir})")
-    if missing:
-        log.warning("%s: left out %d image(s) missing from %s", name, len(missing), image_dir)
+        samples.extend(records_of_image(f"{name}/{image_id}", str(image_path), groups, dataset, meta))
+    check_missing_images(missing, len(by_image), f"{name} ({image_dir})", "image(s) that are missing", skip_missing)
     if dropped:
         log.warning("%s: %d image(s) left out, see the warnings above", name, dropped)
     return samples

@@ -62,9 +62,10 @@ import numpy as np
 
 from ..errors import CoresError
 from ..fileio import atomic_write_json
-from .layout import DirIndex, chunk, load_json, missing_images_error, require_dir, require_file
+from ..ignore_values import IGNORE
+from .layout import DirIndex, check_missing_images, chunk, load_json, require_dir, require_file
 from .masks import LabelConvention, LabelMapMask, decode_label_map, read_label_png
-from .records import IGNORE, QARound, SegSample
+from .records import QARound, SegSample, records_of_image
 
 log = logging.getLogger("cores.data")
 
@@ -314,13 +315,8 @@ def load_semantic(
         if rounds_per_sample:
             random.Random(f"{shuffle_seed}:{label.stem}").shuffle(rounds)
         groups = chunk(rounds, rounds_per_sample)
-        for g, group in enumerate(groups):
-            sid = f"{dataset}:{split}/{label.stem}" + (f"#{g}" if len(groups) > 1 else "")
-            samples.append(SegSample(sid, str(image), tuple(group), dataset, {"label_map": str(label)}))
-    if missing and not skip_missing:
-        raise missing_images_error(missing, len(index), f"{dataset}:{split} ({source.image_dir})")
-    if missing:
-        log.warning("%s:%s: left out %d label map(s) without an image", dataset, split, len(missing))
+        samples.extend(records_of_image(f"{dataset}:{split}/{label.stem}", str(image), groups, dataset, {"label_map": str(label)}))
+    check_missing_images(missing, len(index), f"{dataset}:{split} ({source.image_dir})", "label map(s) without an image", skip_missing)
     if empty:
         log.info("%s:%s: %d label map(s) with no class left out", dataset, split, empty)
     return samples

@@ -1,4 +1,4 @@
-"""Synthetic hierarchical benchmark (DESIGN §8): parts that only their container tells apart.
+"""Synthetic hierarchical benchmark (docs/RESULTS.md): parts that only their container tells apart.
 
 What it is for: showing, on a CPU with a tiny SAM (128 px input) and a tiny LLaVA, that the
 whole system learns the thing the paper is about — finding a *part* from a query that names

@@ -53,9 +53,9 @@ from PIL import Image, PngImagePlugin
 
 from ..errors import CoresError
 from ..fileio import TEMPORARY_PATTERN, OutputLocked, exclusive_directory_lock, probe_writable, staged_file
-from ..images import DEFAULT_MAX_PIXELS, load_image
+from ..images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
 from ..visualize import bbox, overlay
-from .predictor import Mode, Predictor, reserved_token_in
+from .predictor import Mode, Prediction, Predictor, reserved_token_in
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 OUTPUT_SUFFIXES = {"mask": ".mask.png", "overlay": ".overlay.png", "json": ".json"}
@@ -584,12 +584,19 @@ def check_job(job: Job, reserved_tokens: Iterable[str] = ()) -> None:
 
 
 def _record(job: Job, stem: str, img, pred, paths: dict[str, Path], model_info: dict | None) -> dict:
+    outputs = {k: str(v.resolve()) for k, v in paths.items()}
+    return prediction_record(job.id or stem, str(job.image), job.query, img, pred, outputs, model_info)
+
+
+def prediction_record(item_id: str, image: str, query: str, img: LoadedImage, pred: Prediction, outputs: dict[str, str], model_info: dict | None) -> dict:
+    """The JSON record of one prediction, as ``cores predict --json`` prints it (``outputs``:
+    the files written for it, by kind)."""
     h, w = img.size
     area = int(pred.mask.sum())
     record = {
-        "id": job.id or stem,
-        "image": str(job.image),
-        "query": job.query,
+        "id": item_id,
+        "image": image,
+        "query": query,
         "question": pred.question,
         "answer": pred.answer,
         "mode": pred.mode,
@@ -605,7 +612,7 @@ def _record(job: Job, stem: str, img, pred, paths: dict[str, Path], model_info: 
         ],
         "exemplars_used": pred.exemplars_used,
         "query_truncated": pred.query_truncated,
-        "outputs": {k: str(v.resolve()) for k, v in paths.items()},
+        "outputs": outputs,
         "model": model_info or {},
     }
     if pred.generated_text is not None:

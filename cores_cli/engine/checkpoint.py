@@ -1,4 +1,4 @@
-"""Checkpoint directories (DESIGN §3), written atomically and read without unpickling.
+"""Checkpoint directories (docs/TRAINING.md), written atomically and read without unpickling.
 
 Layout::
 

@@ -1,10 +1,9 @@
-"""DeepSpeed for cores: process group, engine, schedule, and optimizer state as plain tensors.
+"""DeepSpeed for cores: accelerator, engine, schedule, and optimizer state as plain tensors.
 
 Everything that touches DeepSpeed's API lives here, so the training loop reads as a loop.
 
-- **Process group.** Under a launcher (``deepspeed`` or ``torchrun``) the environment names the
-  rank and world; ``--gpus 0`` starts a one-process gloo group on 127.0.0.1 and a free port, so
-  no launcher is needed on the CPU.
+- **Accelerator.** DeepSpeed is told which one to use (CUDA or its CPU accelerator) before it is
+  imported; the process group itself is :mod:`cores_cli.engine.distributed`'s.
 - **Engine.** ZeRO stage 0/1/2 from the recipe (2 by default; it also runs on the CPU with
   DeepSpeed's CPU accelerator and gloo), bf16 on GPU and fp32 on CPU, gradient clipping and
   accumulation by DeepSpeed, a client ``torch.optim.AdamW`` (the same update on every device,
@@ -17,13 +16,9 @@ Everything that touches DeepSpeed's API lives here, so the training loop reads a
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import socket
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,7 +35,8 @@ def select_accelerator(device_type: str) -> None:
     os.environ["DS_ACCELERATOR"] = "cuda" if device_type == "cuda" else "cpu"
 
 
-def _check_accelerator(device_type: str) -> None:
+def check_accelerator(device_type: str) -> None:
+    """Refuse a DeepSpeed already set up in this process for another accelerator."""
     from deepspeed.accelerator import get_accelerator
 
     name = get_accelerator().device_name()
@@ -49,71 +45,6 @@ def _check_accelerator(device_type: str) -> None:
             f"DeepSpeed was already set up for {name!r} in this process, but training runs on {device_type!r}; "
             "run training in a fresh process (or set DS_ACCELERATOR before importing deepspeed)"
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_train_device(name: str) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise CoresError("train.device is cuda but no CUDA GPU is visible (use --gpus 0 to train on the CPU)")
-    return torch.device("cuda")
-
-
-def _forget_deepspeed_groups() -> None:
-    """Drop the groups DeepSpeed cached from an earlier process group of this process.
-
-    DeepSpeed keeps a clone of the world group (and the groups derived from it) in module
-    globals and never checks that they are still alive. After a run's group was destroyed (a
-    second ``run_training`` in one process: a notebook, a test session) the clones name a dead
-    group and ``deepspeed.initialize`` fails with "Group ... is not registered".
-    """
-    from deepspeed.utils import groups
-
-    for name, value in list(vars(groups).items()):
-        if name.startswith("_") and name.endswith("_GROUP") and name.isupper():
-            setattr(groups, name, {} if isinstance(value, dict) else None)
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the launcher's process group, or start a one-process group (``--gpus 0``)."""
-    select_accelerator(device.type)
-    import deepspeed
-    import torch.distributed as dist
-
-    _check_accelerator(device.type)
-
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if not dist.is_initialized():
-        _forget_deepspeed_groups()
-        # DeepSpeed's CPU accelerator print()s about its shared-memory op: keep stdout for results
-        with contextlib.redirect_stdout(sys.stderr):
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    return DistInfo(rank, world, local, device)
 
 
 def train_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:

@@ -1,5 +1,6 @@
-"""A whole ``cores eval`` run as plain functions: check the outputs, read the samples and
-their warnings, evaluate, write the results.
+"""A whole ``cores eval`` run: :func:`run_eval` checks the outputs, reads the samples and their
+warnings, launches the processes or joins their group, evaluates, and writes the results; what
+the user sees goes to an :class:`EvalView` (the command's terminal rendering).
 
 Outputs (all atomic):
 
@@ -28,22 +29,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from PIL import Image
 
 from .. import __version__
 from ..data.records import ReaderWarning, warning_kind
 from ..data.registry import dataset_folders, load_samples, protocol
-from ..data.transform import sample_pixels
 from ..errors import CoresError
 from ..fileio import atomic_open, atomic_write_json, probe_writable, save_image_atomic
+from ..processing.transform import sample_pixels
 from ..visualize import comparison
 from .evaluate import EvalResult, Mode, evaluate
 from .loading import LoadedModel, exemplar_sampler
@@ -65,6 +64,15 @@ class EvalRequest:
     context_library: Path | None = None
     strict: bool = False
     """Refuse to evaluate when any sample has a reader warning."""
+    checkpoint: Path | None = None
+    """A cores checkpoint; None: the shipped tiny model (or ``preset`` with random weights)."""
+    preset: str | None = None
+    model_overrides: list[str] = field(default_factory=list)
+    """``key=value`` model settings (``--set``)."""
+    device: str = "auto"
+    dtype: str = "auto"
+    processes: int = 1
+    """Processes to evaluate in; more than 1 launches them (unless already launched)."""
 
 
 @dataclass
@@ -113,6 +121,16 @@ def limit_samples(req: EvalRequest, samples: list) -> list:
 def load_eval_samples(req: EvalRequest) -> list:
     """The samples to evaluate: :func:`read_samples`, cut by ``--limit``."""
     return limit_samples(req, read_samples(req))
+
+
+def read_and_check(req: EvalRequest) -> tuple[list, WarningSummary]:
+    """The samples to evaluate and their warning summary, after the checks that need them: no
+    output may be an input or lie in a folder of the dataset (:func:`check_outputs`)."""
+    # inputs are listed from every sample read, before --limit cuts the list
+    everything = read_samples(req)
+    samples = limit_samples(req, everything)
+    check_outputs(req, input_files(req, everything, req.checkpoint), protected_folders(req, everything))
+    return samples, WarningSummary.of(samples)
 
 
 # ------------------------------------------------------------------------- reader warnings
@@ -364,13 +382,15 @@ def compute_eval(
     ``samples`` defaults to :func:`load_eval_samples`; with ``req.strict``, reader warnings
     stop the run first. ``progress_factory`` gets the number of samples this process
     evaluates (its share under ``torch.distributed``)."""
+    from .distributed import gather_objects, rank_info, shard
+
     samples = load_eval_samples(req) if samples is None else samples
     if req.strict:
         refuse_warnings(WarningSummary.of(samples))
     sampler = exemplar_sampler(loaded.model, req.context_library, req.seed)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    progress = progress_factory(len(range(rank, len(samples), world))) if progress_factory else None
+    ranks = rank_info()
+    world = ranks.world
+    progress = progress_factory(len(shard(len(samples), ranks))) if progress_factory else None
     result = evaluate(
         loaded.model, samples, batch_size=req.batch_size, mode=req.mode, exemplars=sampler, seed=req.seed,
         progress=progress, keep_worst=req.save_vis, log_left_out=False,
@@ -380,8 +400,7 @@ def compute_eval(
     worst = result.worst
     if world > 1 and req.save_vis:
         # each rank kept its own N worst; rank 0 draws the N worst of them all
-        parts: list[list | None] = [None] * world
-        dist.all_gather_object(parts, result.worst)
+        parts = gather_objects(result.worst)
         worst = sorted((w for part in parts for w in (part or [])), key=lambda w: w[0])
     # every rank read the whole sample list, so the warnings are counted once, from it alone
     return EvalRun(result, proto, summary.to_json(), samples, worst[: req.save_vis], summary)
@@ -469,18 +488,144 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-80:]
 
 
-def init_distributed_from_env(device_name: str) -> torch.device | None:
-    """Join the process group a launcher (torchrun, deepspeed) described in the environment.
+# ------------------------------------------------------------------------------ the command
 
-    Returns this rank's device, or None when not launched for several processes.
+
+class EvalView(Protocol):
+    """What the user sees of :func:`run_eval`; only the main process's view is called."""
+
+    def warnings(self, summary: WarningSummary, strict: bool) -> None:
+        """The reader warnings, before the model loads (``strict``: they will be refused)."""
+
+    def random_weights(self, source: str) -> None:
+        """The model has random weights: the numbers only exercise the protocol."""
+
+    def evaluating(self, total: int, world: int) -> Callable[[int], None]:
+        """Evaluation starts: ``total`` samples in this process (its share of ``world``);
+        returns what to call with each batch's sample count."""
+
+    def evaluated(self) -> None:
+        """Evaluation ended (or stopped): close the progress display."""
+
+    def results(self, req: EvalRequest, run: EvalRun, source: str) -> None:
+        """The numbers, the protocol and the samples left out, before any file is written."""
+
+    def unsaved(self, document: dict[str, Any]) -> None:
+        """No file holds the results: show ``document`` (the results JSON) where it is kept."""
+
+    def written(self, paths: list[Path]) -> None:
+        """The outputs that were written."""
+
+    def error(self, message: str) -> None:
+        """An error the main process of a launched run reports itself (see :func:`run_eval`)."""
+
+
+class NullEvalView:
+    """Shows nothing: other ranks', and library callers' by default."""
+
+    def warnings(self, summary: WarningSummary, strict: bool) -> None: pass
+    def random_weights(self, source: str) -> None: pass
+    def evaluating(self, total: int, world: int) -> Callable[[int], None]: return _no_progress
+    def evaluated(self) -> None: pass
+    def results(self, req: EvalRequest, run: EvalRun, source: str) -> None: pass
+    def unsaved(self, document: dict[str, Any]) -> None: pass
+    def written(self, paths: list[Path]) -> None: pass
+    def error(self, message: str) -> None: pass
+
+
+def _no_progress(_n: int) -> None:
+    pass
+
+
+@dataclass
+class EvalOutcome:
+    exit_code: int = 0
+    """0, or the launched processes' exit status."""
+    run: EvalRun | None = None
+    """What this process evaluated; None in a process that launched others."""
+
+
+def run_eval(req: EvalRequest, view: EvalView | None = None, *, command: Sequence[str] = ()) -> EvalOutcome:
+    """Evaluate as ``req`` says, in this process or in the processes it launches.
+
+    Mistakes stop the run before the model loads where they can be known then: outputs that
+    cannot be written or would replace an input, unreadable annotations, ``strict`` with reader
+    warnings. With ``req.processes`` > 1 (and not already launched) the samples are read and
+    checked once here, then ``command`` (this command's arguments, ``eval --dataset ...``) runs
+    in every process through :func:`~cores_cli.engine.launch.run_launched`, whose status is the
+    outcome's. A launched process joins the group, evaluates its share, and rank 0 shows and
+    writes the results; an error it meets after evaluating is reported through ``view.error``
+    and its status left for the launching process (a worker's exit 1 would make torchrun print a
+    traceback of its own).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_name != "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    from ..runtime import resolve_device, resolve_dtype
+    from .distributed import init_distributed, launched_world, shutdown
+    from .launch import eval_launch, launch_command, leave_status, run_launched
+    from .loading import load_for_inference
+
+    view = view or NullEvalView()
+    # before any process, sample or model is started: a place that cannot take the results
+    check_outputs(req)
+    device = resolve_device(req.device)
+    if req.processes > 1 and launched_world() <= 1:
+        if not command:
+            raise ValueError("run_eval with processes > 1 needs the command each process runs")
+        # read and check here first, so bad input stops with one line, not one per process
+        _, summary = read_and_check(req)
+        if req.strict:
+            view.warnings(summary, True)
+            refuse_warnings(summary)
+        return EvalOutcome(run_launched(launch_command(eval_launch(req.processes, command))))
+
+    proc = init_distributed(device)
+    if not proc.is_main:
+        view = NullEvalView()
+    try:
+        samples, summary = read_and_check(req)
+        view.warnings(summary, req.strict)
+        if req.strict:
+            refuse_warnings(summary)
+        loaded = load_for_inference(req.checkpoint, req.preset, list(req.model_overrides), proc.device, resolve_dtype(req.dtype, proc.device), req.seed)
+        if loaded.random_weights:
+            view.random_weights(loaded.source)
+        try:
+            run = compute_eval(req, loaded, samples, lambda total: view.evaluating(total, proc.world))
+        finally:
+            view.evaluated()
+    finally:
+        if proc.started:
+            shutdown()
+    if proc.is_main:
+        try:
+            _show_and_write(req, loaded, run, view)
+        except CoresError as e:
+            if not leave_status(1):
+                raise
+            view.error(str(e))
+    return EvalOutcome(0, run)
+
+
+def _show_and_write(req: EvalRequest, loaded: LoadedModel, run: EvalRun, view: EvalView) -> None:
+    """The main process after evaluating: the numbers, then the files; errors last."""
+    if len(run.left_out) == len(run.samples):
+        first, why = next(iter(run.left_out.items()))
+        raise CoresError(f"none of the {len(run.samples)} samples could be evaluated, no image could be read (the first: {first}: {why})")
+    # the numbers are shown before any file is written, so a failed write loses nothing
+    view.results(req, run, loaded.source)
+    written = _write_or_keep(req, loaded, run, view)
+    if written:
+        view.written(written)
+    if req.strict:
+        refuse_left_out(run)
+
+
+def _write_or_keep(req: EvalRequest, loaded: LoadedModel, run: EvalRun, view: EvalView) -> list[Path]:
+    """Write the outputs; if one fails, say where the computed metrics still are (the view is
+    given the results JSON when no file holds it) and stop with a CoresError."""
+    try:
+        return write_outputs(req, loaded, run)
+    except OutputWriteError as e:
+        if req.output is not None and all(path != req.output for path, _ in e.failed):
+            raise CoresError(f"{e}; the metrics were written to {req.output}") from None
+        view.unsaved(results_document(req, loaded, run, None))
+        raise CoresError(f"{e}; the metrics were computed and are in the JSON printed on stdout") from None

@@ -1,10 +1,12 @@
-"""Evaluation with LISA's ``validate()`` protocol (DESIGN §6): the library API behind
+"""Evaluation with LISA's ``validate()`` protocol (docs/EVAL.md): the library API behind
 ``cores eval`` and training's periodic validation.
 
 Every round (query) of a sample is its own single-question conversation, as in LISA's
-``ValDataset``; the queries of one image share one SAM encoder pass. Teacher-forced by default
-(the fixed answer template in the input, one forward pass per batch); ``mode="generate"`` lets
-the model write each answer and falls back to the template when it holds no chain.
+``ValDataset``; the queries of one image share one SAM encoder pass. The masks come from the
+:class:`~cores_cli.engine.predictor.Predictor` (the same path as ``cores predict``), teacher-forced
+by default (the fixed answer template in the input, one forward pass per batch);
+``mode="generate"`` lets the model write each answer and falls back to the template when it
+holds no chain. This module only scores.
 
 Predictions are compared with the target at the image's original size: logits are
 post-processed as SAM does and thresholded at 0; target pixels of 255 are left out of both
@@ -30,16 +32,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..contexts import ExemplarSampler
-from ..data.conversation import ConversationEncoder
 from ..data.records import SegSample, warning_kind
-from ..data.transform import SampleTransform, collate
 from ..errors import InputImageError
 from ..metrics import IoUAccumulator, area_fraction, intersection_union, size_bucket, target_iou
-from ..model.cores import CoresModel, postprocess_masks
-from .predictor import Predictor
+from ..model.cores import CoresModel
+from ..processing.transform import sample_pixels
+from .distributed import gather_objects, rank_info, shard
+from .predictor import Prediction, Predictor, Query
 
 Mode = Literal["teacher", "generate"]
 log = logging.getLogger("cores.eval")
@@ -69,14 +70,6 @@ def metrics_from_records(records: Sequence[dict]) -> dict[str, float | int | Non
     return {k: v for k, v in out.items() if not isinstance(v, dict)}
 
 
-def _shard(samples: Sequence[SegSample]) -> tuple[list[int], int, int]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    return list(range(rank, len(samples), world)), rank, world
-
-
 @torch.no_grad()
 def evaluate(
     model: CoresModel,
@@ -97,31 +90,26 @@ def evaluate(
     model.eval()
     start = time.perf_counter()
     try:
-        indices, rank, world = _shard(samples)
+        ranks = rank_info()
+        indices = shard(len(samples), ranks)
         runner = _Runner(model, exemplars, seed, keep_worst)
-        if mode == "teacher":
-            for i in range(0, len(indices), batch_size):
-                chunk = [samples[j] for j in indices[i : i + batch_size]]
-                runner.teacher_batch(chunk)
-                if progress:
-                    progress(len(chunk))
-        else:
-            for j in indices:
-                runner.generate_sample(samples[j])
-                if progress:
-                    progress(1)
+        step = batch_size if mode == "teacher" else 1  # generation runs one sample at a time
+        for i in range(0, len(indices), step):
+            chunk = [samples[j] for j in indices[i : i + step]]
+            runner.run(chunk, mode)
+            if progress:
+                progress(len(chunk))
         records, left_out = runner.records, runner.left_out
-        if world > 1:
-            gathered: list[tuple[list[dict], dict[str, str]] | None] = [None] * world
-            dist.all_gather_object(gathered, (records, left_out))
-            records = [r for part in gathered for r in (part[0] if part else [])]
+        if ranks.world > 1:
+            gathered = gather_objects((records, left_out))
+            records = [r for part in gathered for r in part[0]]
             records.sort(key=lambda r: r["order"])
-            left_out = {k: v for part in gathered for k, v in (part[1] if part else {}).items()}
+            left_out = {k: v for part in gathered for k, v in part[1].items()}
         for r in records:
             r.pop("order", None)
         metrics = metrics_from_records(records)
         metrics["samples"] = len(samples)
-        if left_out and log_left_out and rank == 0:
+        if left_out and log_left_out and ranks.is_main:
             # library callers (training's validation) have no summary of their own to show it
             log.warning("left %d sample(s) out of the metrics, their image could not be read; the first: %s", len(left_out), next(iter(left_out.values())))
         worst = sorted(((-key, tid, mask) for key, tid, mask in runner.worst), key=lambda w: w[0])
@@ -132,65 +120,42 @@ def evaluate(
 
 
 class _Runner:
+    """Predicts each batch through the :class:`Predictor` and scores every round."""
+
     def __init__(self, model: CoresModel, exemplars: ExemplarSampler | None, seed: int, keep_worst: int) -> None:
-        self.model = model
-        cfg = model.cfg
-        encoder = ConversationEncoder(model.tokenizer, cfg.prompt, cfg.chain, "<image>", model.num_image_tokens)
         if exemplars is not None:
             exemplars = ExemplarSampler(exemplars.library, seed)
-        self.transform = SampleTransform(cfg, encoder, exemplars, model.clip_size, train=False, with_targets=False)
-        self.exemplars = exemplars
-        self.param = next(model.parameters())
+        self.predictor = Predictor(model, exemplars, seed=seed)
         self.records: list[dict] = []
         self.worst: list[tuple[float, str, np.ndarray]] = []
         self.keep_worst = keep_worst
         self.order = 0
         self.left_out: dict[str, str] = {}
-        self._predictor: Predictor | None = None
 
     def _pixels(self, sample: SegSample) -> np.ndarray | None:
         """The sample's pixels, or None (and the sample noted as left out) when its image
         cannot be read: readers only look at headers, so a corrupt body shows up here."""
         try:
-            return self.transform.pixels(sample)
+            return sample_pixels(sample)
         except InputImageError as e:
             self.left_out[sample.sample_id] = str(e)
             return None
 
-    def teacher_batch(self, chunk: list[SegSample]) -> None:
-        rows, readable = [], []
-        for s in chunk:
-            px = self._pixels(s)
-            if px is None:
-                continue
-            readable.append(s)
-            rows.extend(self.transform.per_round(s, px))
-        if not rows:
+    def run(self, chunk: list[SegSample], mode: Mode) -> None:
+        """Predict every round of every readable sample of ``chunk`` (each its own query, named
+        ``{sample_id}#{round}``) and score it."""
+        readable = [(s, px) for s in chunk if (px := self._pixels(s)) is not None]
+        if not readable:
             return
-        batch = collate(rows, self.model.tokenizer.pad_token_id).to(self.param.device, self.param.dtype)
-        final = self.model(batch, compute_loss=False).final_logits
-        t = 0
-        for s in readable:
-            for r_index, rnd in enumerate(s.rounds):
-                row = rows[t]
-                mask = postprocess_masks(final[t : t + 1], row.input_size, row.original_size, self.model.cfg.sam.image_size)[0] > 0
-                self._score(s, r_index, rnd, mask.cpu().numpy(), row.original_size)
-                t += 1
+        items = [(px, [Query(r.query, r.style, key, key) for r, key in zip(s.rounds, _round_keys(s))]) for s, px in readable]
+        predictions = self.predictor.predict_images(items, mode, final_only=True)
+        for (sample, pixels), preds in zip(readable, predictions):
+            for r_index, (rnd, pred) in enumerate(zip(sample.rounds, preds)):
+                self._score(sample, r_index, rnd, pred, pixels.shape[:2], mode == "generate")
 
-    def generate_sample(self, sample: SegSample) -> None:
-        if self._predictor is None:
-            self._predictor = Predictor(self.model, self.exemplars)
-        pixels = self._pixels(sample)
-        if pixels is None:
-            return
-        for r_index, rnd in enumerate(sample.rounds):
-            key = f"{sample.sample_id}#{r_index}"
-            pred = self._predictor.predict(pixels, rnd.query, style=rnd.style, mode="generate", sample_id=key, exemplar_key=key)
-            self._score(sample, r_index, rnd, pred.mask, pixels.shape[:2], fallback=pred.fallback)
-
-    def _score(self, sample: SegSample, r_index: int, rnd, pred: np.ndarray, size: tuple[int, int], fallback: bool | None = None) -> None:
+    def _score(self, sample: SegSample, r_index: int, rnd, pred: Prediction, size: tuple[int, int], with_fallback: bool) -> None:
         target = rnd.target.rasterize(*size)
-        inter, union = intersection_union(pred, target)
+        inter, union = intersection_union(pred.mask, target)
         frac = area_fraction(target)
         tid = f"{sample.sample_id}#{r_index}"
         record = {
@@ -205,8 +170,8 @@ class _Runner:
             "area_fraction": frac,
             "order": self.order,
         }
-        if fallback is not None:
-            record["fallback"] = fallback
+        if with_fallback:
+            record["fallback"] = pred.fallback
         kinds = sorted({warning_kind(w) for w in sample.meta.get("warnings", ())})
         if kinds:
             # so a reader of the per-target file can leave out targets read from a doubtful annotation
@@ -215,8 +180,12 @@ class _Runner:
         self.records.append(record)
         if self.keep_worst:
             # a min-heap on -iou keeps the N lowest IoUs, the best of them at the root
-            item = (-record["iou"], tid, pred)
+            item = (-record["iou"], tid, pred.mask)
             if len(self.worst) < self.keep_worst:
                 heapq.heappush(self.worst, item)
             elif item > self.worst[0]:
                 heapq.heapreplace(self.worst, item)
+
+
+def _round_keys(sample: SegSample) -> list[str]:
+    return [f"{sample.sample_id}#{i}" for i in range(len(sample.rounds))]

@@ -1,13 +1,17 @@
-"""Getting a ready-to-run model for inference: from a checkpoint, or a preset's random weights."""
+"""Getting a ready-to-run model for inference: from a checkpoint (a directory or a Hugging Face
+Hub id), or a preset's random weights."""
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..bundled import embedded_checkpoint
 from ..config import load_model_config
 from ..configio import apply_overrides
 from ..contexts import ExemplarSampler, load_library
@@ -16,15 +20,49 @@ from ..model.builder import build_model
 from ..model.cores import CoresModel
 from .checkpoint import CheckpointReport, load_checkpoint, read_checkpoint_config
 
+if TYPE_CHECKING:
+    from .predictor import Predictor
+
 
 EMBEDDED_SOURCE = "embedded:tiny-synthetic"
 
 
-def embedded_checkpoint() -> Path | None:
-    """The tiny checkpoint shipped in the package (trained on the synthetic benchmark with the
-    ``tiny-synthetic`` recipe; docs/RESULTS.md), used when no model is named."""
-    path = Path(str(resources.files("cores_cli") / "assets" / "demo"))
-    return path if (path / "config.json").is_file() else None
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """``org/name`` or ``org/name@revision``: two path parts, nothing that only a path has."""
+    return bool(_HUB_ID.match(ref)) and ".." not in ref
+
+
+def resolve_checkpoint(ref: str | Path) -> Path:
+    """A checkpoint directory for ``ref``: the directory itself when it exists, else, for an
+    ``org/name[@revision]`` id, the repository's snapshot in the Hugging Face cache (fetched
+    when online; ``HF_HOME`` and ``HF_HUB_OFFLINE=1`` honoured, a token read from the
+    environment only). A path that exists nowhere is returned as given, for the loader to
+    name it."""
+    path = Path(ref)
+    text = os.fspath(ref)
+    if path.exists() or not looks_like_hub_id(text):
+        return path
+    repo_id, _, revision = text.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        raise CoresError(f"checkpoint not found: {text} (no such directory, and huggingface_hub is not installed to look it up on the Hub)") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, token=os.environ.get("HF_TOKEN") or None))
+    except LocalEntryNotFoundError:
+        raise CoresError(f"checkpoint not found: no directory {text!r} here, and the Hub repository {repo_id}{'@' + revision if revision else ''} is not in the cache while offline (HF_HUB_OFFLINE or no network)") from None
+    except RepositoryNotFoundError:
+        raise CoresError(f"checkpoint not found: no directory {text!r} here, and no Hub repository {repo_id} (or it is private: set HF_TOKEN)") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise CoresError(f"checkpoint {text}: could not fetch it from the Hub: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 @dataclass
@@ -53,6 +91,7 @@ def load_for_inference(
             raise CoresError("no model given and no embedded default in this install: pass --checkpoint DIR (or --preset tiny for a smoke run with random weights)")
         source = EMBEDDED_SOURCE
     if checkpoint is not None:
+        checkpoint = resolve_checkpoint(checkpoint)
         cfg = apply_overrides(read_checkpoint_config(checkpoint), overrides)
         model, report = load_checkpoint(checkpoint, overrides=cfg)
         loaded = LoadedModel(model, source, False, report)
@@ -70,3 +109,25 @@ def exemplar_sampler(model: CoresModel, library: str | Path | None, seed: int) -
         return None
     path = library or model.cfg.prompt.context_library
     return ExemplarSampler(load_library(path), seed)
+
+
+def load_predictor(
+    checkpoint: str | Path | None,
+    preset: str | None,
+    overrides: list[str],
+    device: str,
+    dtype: str,
+    context_library: str | Path | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+) -> tuple[Predictor, LoadedModel, dict]:
+    """The model, ready to predict with (``cores predict`` and the Python API), and the record's
+    ``model`` entry. ``device``/``dtype`` are names (``auto``, ``cpu``, ``bf16``...)."""
+    from ..runtime import resolve_device, resolve_dtype
+    from .predictor import Predictor
+
+    dev = resolve_device(device)
+    loaded = load_for_inference(checkpoint, preset, overrides, dev, resolve_dtype(dtype, dev), seed)
+    predictor = Predictor(loaded.model, exemplar_sampler(loaded.model, context_library, seed), seed=seed, max_new_tokens=max_new_tokens)
+    model_info = {"source": loaded.source, "preset": loaded.model.cfg.preset, "chain_depth": loaded.model.cfg.chain.depth}
+    return predictor, loaded, model_info

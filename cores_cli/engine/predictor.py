@@ -1,17 +1,20 @@
-"""Predict masks for (image, query) pairs with a loaded model: the library API behind
-``cores predict``.
+"""Predict masks for (image, query) pairs with a loaded model: the one inference path behind
+``cores predict``, ``cores eval`` and the Python API.
 
 Teacher-forced by default: the fixed answer template (with its chain tokens) is in the input,
-one forward pass, as LISA's ``validate()`` does. ``mode="generate"`` lets the LLM write its
-answer; when that answer does not hold exactly one complete chain, the template is used
-instead and the prediction says so (``fallback=True``), so the user always gets a mask.
+one forward pass for a whole batch of images and their queries, as LISA's ``validate()`` does;
+the queries of one image share one SAM image-encoder pass. ``mode="generate"`` lets the LLM
+write each answer (one query at a time); when that answer does not hold exactly one complete
+chain, the template is used instead and the prediction says so (``fallback=True``), so the user
+always gets a mask.
+
+The input is an image's pixels and its :class:`Query` objects: no record, no target.
 """
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,14 +23,28 @@ import torch
 
 from ..config import CHAIN_TOKENS
 from ..contexts import ExemplarSampler
-from ..data.conversation import ConversationEncoder
-from ..data.records import ArrayMask, QARound, QueryStyle, SegSample
-from ..data.transform import EncodedSample, SampleTransform, collate
+from ..data.records import QueryStyle
 from ..errors import CoresError
 from ..model.cores import CoresModel, postprocess_masks
 from ..model.mllm import IMAGE_TOKEN
+from ..processing.transform import EncodedSample, ImageInputs, SampleTransform, collate
 
 Mode = Literal["teacher", "generate"]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One question about an image: what a prediction takes."""
+
+    text: str
+    style: QueryStyle | Literal["auto"] = "auto"
+    """``sentence`` (a question or instruction), ``phrase`` (a few words), or ``auto`` to guess."""
+    name: str = ""
+    """Names the query in error messages (``cores predict``: the output's stem)."""
+    exemplar_key: str | None = None
+    """With a key, the in-context exemplars drawn are a function of the key alone (evaluation:
+    the same whatever the batch or the number of processes); without one every query gets the
+    run's seeded draw."""
 
 
 @dataclass
@@ -41,11 +58,12 @@ class Prediction:
     level_tokens: list[str]
     """The chain token behind each level, outermost first (``mean`` when CoS is off)."""
     level_masks: list[np.ndarray]
-    """One mask per chain level; the last is the final mask."""
+    """One mask per chain level; the last is the final mask (only that one with ``final_only``)."""
     generated_text: str | None = None
     exemplars_used: int = 0
     query_truncated: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    """``preprocess_s`` and ``model_s``: this query's share of its batch."""
 
     @property
     def mask(self) -> np.ndarray:
@@ -77,17 +95,10 @@ class Predictor:
         self.cfg = model.cfg
         self.seed = seed
         self.max_new_tokens = max_new_tokens
-        encoder = ConversationEncoder(model.tokenizer, self.cfg.prompt, self.cfg.chain, "<image>", model.num_image_tokens)
         self.exemplars = exemplars
-        self.transform = SampleTransform(self.cfg, encoder, exemplars, model.clip_size, train=False, with_targets=False)
+        self.transform = SampleTransform.for_model(model, exemplars, with_targets=False)
         self.param = next(model.parameters())
         self._reserved: tuple[str, ...] | None = None
-
-    def _fresh_exemplars(self) -> None:
-        # The same exemplars for every query of a run: a prediction does not depend on what
-        # was predicted before it, and reruns give the same masks.
-        if self.exemplars is not None:
-            self.exemplars.rng = random.Random(self.seed)
 
     def reserved_tokens(self) -> tuple[str, ...]:
         """Text a query must not hold: the chain tokens, ``<image>`` and the tokenizer's other
@@ -106,7 +117,6 @@ class Predictor:
             return ["mean"]
         return list(chain.tokens) if len(chain.tokens) == chain.depth else ["[SEG]"] * chain.depth
 
-    @torch.no_grad()
     def predict(
         self,
         pixels: np.ndarray,
@@ -116,48 +126,75 @@ class Predictor:
         sample_id: str = "",
         exemplar_key: str | None = None,
     ) -> Prediction:
-        """``pixels``: uint8 (H, W, 3), upright. ``exemplar_key`` makes the exemplar draw a
-        function of that key (evaluation); by default every query gets the run's seeded draw."""
+        """One query about one image. ``pixels``: uint8 (H, W, 3), upright."""
         if not query or not query.strip():
             raise CoresError("the query is empty")
-        style = guess_style(query) if style == "auto" else style
-        h, w = pixels.shape[:2]
-        sample = SegSample(sample_id or "query", sample_id or "query", (QARound(query, ArrayMask(np.zeros((1, 1), np.uint8)), style),), image_array=pixels)
+        return self.predict_images([(pixels, [Query(query, style, sample_id, exemplar_key)])], mode)[0][0]
+
+    @torch.no_grad()
+    def predict_images(
+        self,
+        items: Sequence[tuple[np.ndarray, Sequence[Query]]],
+        mode: Mode = "teacher",
+        final_only: bool = False,
+    ) -> list[list[Prediction]]:
+        """Every query of every (pixels, queries) item: the predictions in the same nesting.
+        Teacher-forced, all of them run as one batch; generated, one query at a time. A blank
+        query is asked as it is (a dataset's blank sentence is scored, as LISA scores it)."""
         t0 = time.perf_counter()
-        self._fresh_exemplars()
-        generated_text, fallback = None, False
-        enc = None
+        images = [self.transform.image(pixels) for pixels, _ in items]
         if mode == "generate":
-            enc, generated_text = self._generated(sample, exemplar_key)
-            fallback = enc is None
-        if enc is None:
-            self._fresh_exemplars()
-            enc = self.transform(sample, pixels, exemplar_key=exemplar_key)
-        t1 = time.perf_counter()
-        batch = collate([enc], self.model.tokenizer.pad_token_id).to(self.param.device, self.param.dtype)
-        out = self.model(batch, compute_loss=False)
-        levels = torch.cat(out.level_logits, dim=0)  # (T, 1, m, m): one target
-        full = postprocess_masks(levels, enc.input_size, (h, w), self.cfg.sam.image_size)
-        masks = [m.cpu().numpy() > 0 for m in full]
-        t2 = time.perf_counter()
-        answer = generated_text if (mode == "generate" and not fallback) else enc.answers[0]
-        return Prediction(
-            question=enc.questions[0],
-            answer=_clean_answer(answer),
-            mode=mode,
-            fallback=fallback,
-            level_tokens=self.level_tokens(),
-            level_masks=masks,
-            generated_text=generated_text,
-            exemplars_used=enc.exemplars_used,
-            query_truncated=enc.query_truncated,
-            timings={"preprocess_s": t1 - t0, "model_s": t2 - t1},
+            return [[self._generated(image, q, t0, final_only) for q in queries] for image, (_, queries) in zip(images, items)]
+        rows = []
+        for i, (image, (_, queries)) in enumerate(zip(images, items)):
+            shared = f"image-{i}" if len(queries) > 1 else ""
+            rows.extend(self._encode(image, q, image_key=shared) for q in queries)
+        predictions = iter(self._run(rows, t0, final_only))
+        return [[next(predictions) for _ in queries] for _, queries in items]
+
+    def _encode(self, image: ImageInputs, query: Query, generate: bool = False, image_key: str = "") -> EncodedSample:
+        if query.exemplar_key is None and self.exemplars is not None:
+            # The same exemplars for every query of a run: a prediction does not depend on what
+            # was predicted before it, and reruns give the same masks.
+            self.exemplars.reseed()
+        style = guess_style(query.text) if query.style == "auto" else query.style
+        return self.transform.encode_queries(
+            image, [(query.text, style)], query.name or "query", generate=generate, exemplar_key=query.exemplar_key, image_key=image_key
         )
 
-    def _generated(self, sample: SegSample, exemplar_key: str | None) -> tuple[EncodedSample | None, str]:
-        """Let the LLM answer; return the teacher-style sample with its own answer, or None
-        when the answer holds no usable chain."""
-        prompt = self.transform(sample, sample.image_array, generate=True, exemplar_key=exemplar_key)
+    def _run(self, rows: list[EncodedSample], t0: float, final_only: bool) -> list[Prediction]:
+        """One teacher-forced forward pass over ``rows`` (one target each)."""
+        t1 = time.perf_counter()
+        batch = collate(rows, self.model.tokenizer.pad_token_id).to(self.param.device, self.param.dtype)
+        out = self.model(batch, compute_loss=False)
+        levels = out.level_logits[-1:] if final_only else out.level_logits
+        image_size = self.cfg.sam.image_size
+        masks = []
+        for t, row in enumerate(rows):
+            logits = torch.cat([level[t : t + 1] for level in levels], dim=0)  # (T, 1, m, m)
+            masks.append([m.cpu().numpy() > 0 for m in postprocess_masks(logits, row.input_size, row.original_size, image_size)])
+        t2 = time.perf_counter()
+        share = {"preprocess_s": (t1 - t0) / len(rows), "model_s": (t2 - t1) / len(rows)}
+        tokens = self.level_tokens()[-1:] if final_only else self.level_tokens()
+        return [
+            Prediction(
+                question=row.questions[0],
+                answer=_clean_answer(row.answers[0]),
+                mode="teacher",
+                fallback=False,
+                level_tokens=tokens,
+                level_masks=row_masks,
+                exemplars_used=row.exemplars_used,
+                query_truncated=row.query_truncated,
+                timings=dict(share),
+            )
+            for row, row_masks in zip(rows, masks)
+        ]
+
+    def _generated(self, image: ImageInputs, query: Query, t0: float, final_only: bool) -> Prediction:
+        """Let the LLM answer, then run its answer teacher-forced; the template when the answer
+        holds no usable chain."""
+        prompt = self._encode(image, query, generate=True)
         batch = collate([prompt], self.model.tokenizer.pad_token_id, padding_side="left").to(self.param.device, self.param.dtype)
         new_ids = self.model.generate_answers(batch, self.max_new_tokens)[0]
         text = self.model.tokenizer.decode(new_ids, skip_special_tokens=False)
@@ -165,9 +202,13 @@ class Predictor:
         try:
             self.model.chain_positions(torch.tensor([ids]), [1])
         except CoresError:
-            return None, text
-        enc = EncodedSample(**{**prompt.__dict__, "input_ids": ids, "labels": [-100] * len(ids), "answers": [text]})
-        return enc, text
+            pred = self._run([self._encode(image, query)], t0, final_only)[0]
+            pred.fallback = True
+        else:
+            pred = self._run([prompt.with_answer(ids, text)], t0, final_only)[0]
+        pred.mode = "generate"
+        pred.generated_text = text
+        return pred
 
 
 def _clean_answer(text: str) -> str:

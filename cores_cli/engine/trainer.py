@@ -1,7 +1,8 @@
 """The training loop: recipe → data → model → DeepSpeed engine → steps, validation, checkpoints.
 
 One function, :func:`run_training`, used the same way by ``cores train --gpus 0`` (in the CLI's
-own process) and by every process a launcher starts (``cores_cli.cli.train_worker``). Progress
+own process) and by every process a launcher starts (``cores_cli.engine.train_worker``), both
+through :func:`cores_cli.engine.train_run.train_in_this_process`. Progress
 goes to a :class:`Reporter` (the CLI's Rich view; nothing by default), metrics to
 ``RUN/metrics.jsonl`` (and TensorBoard when installed), all from rank 0.
 
@@ -29,7 +30,8 @@ import torch
 from ..configio import to_dict
 from ..errors import CoresError
 from ..fileio import TEMPORARY_PATTERN, atomic_write_text
-from .train_config import Recipe, recipe_text
+from ..runtime import resolve_device
+from .train_config import Recipe, TrainConfig, recipe_text
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,11 @@ def check_recipe(recipe: Recipe) -> None:
         raise CoresError("train.embedding_cache needs a frozen SAM image encoder, but model.train_extra makes it trainable")
 
 
+def training_device(cfg: TrainConfig) -> torch.device:
+    """``train.device`` resolved as every command's device is (``auto``: CUDA when visible)."""
+    return resolve_device(cfg.device, setting="train.device", hint="use --gpus 0 to train on the CPU")
+
+
 def run_dir_has_checkpoints(run_dir: Path) -> bool:
     from .train_state import complete_step_dirs
 
@@ -290,6 +297,7 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     process and its workers get no ``overwrite``."""
     from . import deepspeed_setup as ds
     from . import train_state as ts
+    from .distributed import init_distributed, mean_across_ranks
 
     reporter = reporter or NullReporter()
     cfg = recipe.train
@@ -299,15 +307,14 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     replaced = _names(check_run_dir(run_dir, resume=resume, overwrite=overwrite, recipe=recipe_text(recipe)))
     resume_from = ts.find_resume_checkpoint(ckpt_root) if resume else None
 
-    device = ds.resolve_train_device(cfg.device)
-    dist = ds.init_distributed(device)
-    device = dist.device
+    proc = init_distributed(training_device(cfg), start_alone=True, deepspeed=True)
+    device = proc.device
     _quiet_deepspeed()
     dtype = ds.train_dtype(cfg, device)
 
     # Data first: a recipe naming a missing dataset fails here, before the model is built.
-    from ..data.mixture import load_mixture
     from ..data.registry import load_samples
+    from ..processing.mixture import load_mixture
 
     mixture = load_mixture(recipe.data, seed=cfg.seed)
     val = recipe.data.val
@@ -331,14 +338,14 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     model.train()
     engine = ds.build_engine(model, cfg, cfg.steps, dtype, device)
 
-    state = ts.TrainState(world_size=dist.world)
+    state = ts.TrainState(world_size=proc.world)
     if saved_state is not None:
-        state = _restore(engine, model, saved_state, dist, reporter, cfg.seed)
+        state = _restore(engine, model, saved_state, proc, reporter, cfg.seed)
     else:
-        ts.seed_everything(cfg.seed + dist.rank)  # dropout etc. differ per rank, the init did not
+        ts.seed_everything(cfg.seed + proc.rank)  # dropout etc. differ per rank, the init did not
 
     metrics = None
-    if dist.is_main:
+    if proc.is_main:
         if overwrite and replaced:
             # as late as possible: a recipe or dataset mistake found above costs no earlier run
             clear_earlier_run(run_dir)
@@ -348,14 +355,14 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         ts.remove_partial_writes(ckpt_root)
         metrics = MetricsLog(run_dir, cfg.tensorboard, state.step if resume_from is not None else None)
 
-    loader, batches = _loader(recipe, model, mixture, state, dist)
-    global_batch = cfg.micro_batch_size * cfg.grad_accumulation * dist.world
+    loader, batches = _loader(recipe, model, mixture, state, proc)
+    global_batch = cfg.micro_batch_size * cfg.grad_accumulation * proc.world
     reporter.start(
         RunInfo(
             run_dir=run_dir,
             total_steps=cfg.steps,
             start_step=state.step,
-            world_size=dist.world,
+            world_size=proc.world,
             device=str(device),
             dtype=str(dtype).replace("torch.", ""),
             zero_stage=cfg.zero_stage,
@@ -386,7 +393,7 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
                 engine.step()
                 for k, v in out.loss_parts().items():
                     sums[k] = sums.get(k, 0.0) + v / cfg.grad_accumulation
-            losses = _mean_across_ranks(sums, device, dist.world)
+            losses = mean_across_ranks(sums, device)
             state.step = step
             state.samples_consumed = batches.consumed_after(step - start_step)
             step_s = time.perf_counter() - t0
@@ -400,9 +407,9 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
 
             last = step == cfg.steps
             if val_samples and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                _validate(engine.module, recipe, val_samples, exemplars, state, step, dist, metrics, reporter)
+                _validate(engine.module, recipe, val_samples, exemplars, state, step, proc, metrics, reporter)
             if last or step % cfg.save_every == 0:
-                last_ckpt = _save(engine, model, recipe, state, dist, reporter)
+                last_ckpt = _save(engine, model, recipe, state, proc, reporter)
     finally:
         if metrics is not None:
             metrics.close()
@@ -427,7 +434,7 @@ def _build_model(recipe: Recipe, resume_from: Path | None):
     return build_model(recipe.model)
 
 
-def _restore(engine, model, saved, dist, reporter: Reporter, seed: int):
+def _restore(engine, model, saved, proc, reporter: Reporter, seed: int):
     from . import deepspeed_setup as ds
     from . import train_state as ts
 
@@ -436,31 +443,28 @@ def _restore(engine, model, saved, dist, reporter: Reporter, seed: int):
     ds.load_scheduler_state(engine, state.scheduler)
     engine.global_steps = state.step
     engine.global_samples = state.samples_consumed
-    if dist.rank < len(rng) and dist.rank < len(state.rng):
-        ts.restore_rng(state.rng[dist.rank], rng[dist.rank])
+    if proc.rank < len(rng) and proc.rank < len(state.rng):
+        ts.restore_rng(state.rng[proc.rank], rng[proc.rank])
     else:
-        ts.seed_everything(seed + dist.rank + 1000003 * state.step)
-        if dist.is_main:
-            reporter.message(f"the checkpoint was written by {len(rng)} processes, this run has {dist.world}: new ranks get fresh random states")
-    if state.world_size != dist.world and dist.is_main:
-        reporter.message(f"resuming a {state.world_size}-process run on {dist.world} processes: the data stream continues, per-step batches differ in size")
-    state.world_size = dist.world
+        ts.seed_everything(seed + proc.rank + 1000003 * state.step)
+        if proc.is_main:
+            reporter.message(f"the checkpoint was written by {len(rng)} processes, this run has {proc.world}: new ranks get fresh random states")
+    if state.world_size != proc.world and proc.is_main:
+        reporter.message(f"resuming a {state.world_size}-process run on {proc.world} processes: the data stream continues, per-step batches differ in size")
+    state.world_size = proc.world
     return state
 
 
-def _loader(recipe: Recipe, model, mixture, state, dist):
+def _loader(recipe: Recipe, model, mixture, state, proc):
     from torch.utils.data import DataLoader
 
-    from ..data.conversation import ConversationEncoder
-    from ..data.mixture import MixtureDataset, StreamBatches
-    from ..data.transform import SampleTransform, collate
+    from ..processing.mixture import MixtureDataset, StreamBatches
+    from ..processing.transform import SampleTransform, collate
 
     cfg = recipe.train
-    mcfg = model.cfg
-    encoder = ConversationEncoder(model.tokenizer, mcfg.prompt, mcfg.chain, "<image>", model.num_image_tokens)
-    transform = SampleTransform(mcfg, encoder, _exemplars(model, cfg.seed), model.clip_size, train=True, seed=cfg.seed)
+    transform = SampleTransform.for_model(model, _exemplars(model, cfg.seed), train=True, seed=cfg.seed)
     dataset = MixtureDataset(mixture, transform, cfg.seed)
-    batches = StreamBatches(state.samples_consumed, cfg.steps - state.step, cfg.micro_batch_size, cfg.grad_accumulation, dist.rank, dist.world)
+    batches = StreamBatches(state.samples_consumed, cfg.steps - state.step, cfg.micro_batch_size, cfg.grad_accumulation, proc.rank, proc.world)
     workers = recipe.data.num_workers
     loader = DataLoader(
         dataset,
@@ -482,23 +486,12 @@ def _exemplars(model, seed: int):
     return exemplar_sampler(model, None, seed)
 
 
-def _mean_across_ranks(values: dict[str, float], device: torch.device, world: int) -> dict[str, float]:
-    if world == 1:
-        return dict(values)
-    import torch.distributed as tdist
-
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    tdist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
-
-
-def _validate(module, recipe: Recipe, samples, exemplars, state, step: int, dist, metrics: MetricsLog | None, reporter: Reporter) -> None:
+def _validate(module, recipe: Recipe, samples, exemplars, state, step: int, proc, metrics: MetricsLog | None, reporter: Reporter) -> None:
     from . import train_state as ts
     from .evaluate import evaluate
 
     val = recipe.data.val
-    if dist.is_main:
+    if proc.is_main:
         reporter.evaluating(len(samples))
     result = evaluate(
         module,
@@ -507,13 +500,13 @@ def _validate(module, recipe: Recipe, samples, exemplars, state, step: int, dist
         mode=val.mode,
         exemplars=exemplars,
         seed=recipe.train.seed,
-        progress=reporter.eval_progress if dist.is_main else None,
+        progress=reporter.eval_progress if proc.is_main else None,
     )
     giou = result.metrics.get("giou")
     is_best = giou is not None and (state.best_giou is None or giou > state.best_giou)
     if is_best:
         state.best_giou, state.best_step = float(giou), step
-    if dist.is_main:
+    if proc.is_main:
         plain = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) or v is None}
         if is_best:
             ts.write_best(module, Path(recipe.train.run_dir) / "checkpoints", step, plain, extra={"recipe": to_dict(recipe)})
@@ -522,34 +515,22 @@ def _validate(module, recipe: Recipe, samples, exemplars, state, step: int, dist
         reporter.evaluated(EvalReport(step, plain, state.best_giou, is_best, result.seconds))
 
 
-def _save(engine, model, recipe: Recipe, state, dist, reporter: Reporter) -> Path:
+def _save(engine, model, recipe: Recipe, state, proc, reporter: Reporter) -> Path:
     from . import deepspeed_setup as ds
     from . import train_state as ts
+    from .distributed import barrier, gather_objects
 
     tensors, steps = ds.export_optimizer_state(engine, model)  # collective under ZeRO
     state.optimizer_steps = steps
     state.scheduler = ds.scheduler_state(engine)
     plain, rng_tensors = ts.capture_rng()
-    everyone = _gather((plain, rng_tensors), dist.world)
+    everyone = gather_objects((plain, rng_tensors))
     state.rng = [p for p, _ in everyone]
     root = Path(recipe.train.run_dir) / "checkpoints"
     path = root / ts.step_name(state.step)
-    if dist.is_main:
+    if proc.is_main:
         path = ts.write_training_checkpoint(model, root, state, tensors, [t for _, t in everyone], extra={"recipe": to_dict(recipe)})
         ts.prune(root, recipe.train.keep_checkpoints)
         reporter.saved(path, state.step)
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
+    barrier()
     return path
-
-
-def _gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    import torch.distributed as tdist
-
-    out: list = [None] * world
-    tdist.all_gather_object(out, obj)
-    return out

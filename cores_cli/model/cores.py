@@ -17,9 +17,10 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from ..config import CHAIN_TOKENS, ModelConfig
-from ..data.transform import Batch
 from ..errors import CoresError
+from ..ignore_values import IGNORE, IGNORE_INDEX
 from .chain import ChainProjector, TokenRefiner, segment_chain
+from .inputs import Batch
 from .losses import answer_cross_entropy, dice_loss, sigmoid_bce
 from .token_rows import ChainTokenRows
 
@@ -180,11 +181,11 @@ class CoresModel(nn.Module):
         w = self.cfg.loss
         # Text CE on answer tokens only: position i predicts token i + 1.
         shifted = batch.labels[:, 1:]
-        where = shifted != -100
+        where = shifted != IGNORE_INDEX
         logits = self.llava.lm_head(hidden[:, :-1][where])
         out.loss_ce = answer_cross_entropy(logits, shifted[where])
         size = batch.targets.shape[-1]
-        valid = (batch.targets != 255).float()
+        valid = (batch.targets != IGNORE).float()
         target = (batch.targets == 1).float()
 
         def mask_terms(level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,29 +228,27 @@ _UNUSED_DECODER_PARTS = (
 )
 
 
+# Parameter name → trainable group, first match wins: (group, name prefixes, name parts).
+_GROUP_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("lora", (), ("lora_",)),
+    ("chain_token_rows", ("token_rows.",), ()),
+    ("projector", ("projector.",), ()),
+    ("refiner", ("refiner.",), ()),
+    # Single-mask output never reads SAM's three multimask heads or its IoU head: their
+    # gradients are identically zero, so they are frozen rather than given optimizer state.
+    ("sam_mask_decoder_unused", _UNUSED_DECODER_PARTS, ()),
+    ("sam_mask_decoder", ("sam.mask_decoder.",), ()),
+    ("sam_image_encoder", ("sam.image_encoder.",), ()),
+    ("sam_prompt_encoder", ("sam.prompt_encoder.",), ()),
+    ("vision_tower", (), (".vision_tower.",)),
+    ("mm_projector", (), (".multi_modal_projector.",)),
+)
+
+
 def _group_of(name: str) -> str:
-    if "lora_" in name:
-        return "lora"
-    if name.startswith("token_rows."):
-        return "chain_token_rows"
-    if name.startswith("projector."):
-        return "projector"
-    if name.startswith("refiner."):
-        return "refiner"
-    if name.startswith(_UNUSED_DECODER_PARTS):
-        # Single-mask output never reads SAM's three multimask heads or its IoU head: their
-        # gradients are identically zero, so they are frozen rather than given optimizer state.
-        return "sam_mask_decoder_unused"
-    if name.startswith("sam.mask_decoder."):
-        return "sam_mask_decoder"
-    if name.startswith("sam.image_encoder."):
-        return "sam_image_encoder"
-    if name.startswith("sam.prompt_encoder."):
-        return "sam_prompt_encoder"
-    if ".vision_tower." in name:
-        return "vision_tower"
-    if ".multi_modal_projector." in name:
-        return "mm_projector"
+    for group, prefixes, parts in _GROUP_RULES:
+        if name.startswith(prefixes) or any(part in name for part in parts):
+            return group
     return "llm"
 
 

@@ -19,9 +19,6 @@ from torch import nn
 from ..config import SamConfig
 from ..errors import CheckpointError
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
 
 def build_sam(cfg: SamConfig) -> Sam:
     """A randomly initialised SAM of the configured size, on the current default device.
@@ -66,8 +63,8 @@ def build_sam(cfg: SamConfig) -> Sam:
         image_encoder=image_encoder,
         prompt_encoder=prompt_encoder,
         mask_decoder=mask_decoder,
-        pixel_mean=list(SAM_PIXEL_MEAN),
-        pixel_std=list(SAM_PIXEL_STD),
+        pixel_mean=list(cfg.pixel_mean),
+        pixel_std=list(cfg.pixel_std),
     )
 
 

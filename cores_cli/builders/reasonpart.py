@@ -22,7 +22,7 @@ The target is the class's mask, the union of all its instances (a question about
 all of them), as the part readers build it.
 
 Questions. ``questions="chat"`` asks an OpenAI-compatible chat model (the plumbing of
-``build-context``: :mod:`cores_cli.context_build`), ``batch_size`` items per request, with
+``build-context``: :mod:`cores_cli.builders.chat_loop`), ``batch_size`` items per request, with
 :data:`SYSTEM_PROMPT` and ``few_shot`` worked examples (:data:`PROMPT_EXAMPLES`, in the paper's
 style) as an earlier user/assistant turn. Every requested item gets an id used once in the run
 (``{run nonce}-{counter}``) that the reply must echo: an entry with an id this request did not
@@ -59,7 +59,7 @@ polygons and the source mask (1.0 in practice).
 
 Resume. An item is written as a journal line naming its two files (before either exists), the
 image and the JSON (each an atomic replace), then its manifest line (one ``os.write``, fsynced:
-:func:`cores_cli.context_build.append_line`). So every file make-reasonpart may ever remove is
+:func:`cores_cli.builders.append_only.append_line`). So every file make-reasonpart may ever remove is
 recorded as its own before it is created: on start (under the lock) the torn last lines of the
 manifest and journal (a kill mid-write) are cut; manifest lines whose files are gone are dropped
 and their remaining file removed; journal items without a manifest line (a kill between the
@@ -83,56 +83,70 @@ import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .context_build import (
-    BuildProgress,
-    ChatJob,
-    ChatLoop,
-    ChatSettings,
-    RunSummary,
-    append_line,
-    check_chat_settings,
-    format_counts,
-    make_client,
-    repair_torn_tail,
-    reply_json,
-)
-from .contexts import SPECIAL_TOKENS, ExemplarError, names_object, object_key
-from .data.layout import load_json, require_dir, require_file, upright_size
-from .data.masks import rasterize_shapes
-from .data.parts import (
-    PartSource,
-    check_coco_parts,
-    coco_part_warnings,
-    partimagenet_image_path,
-    partimagenet_name,
-    pascal_part_name,
-    read_coco_parts,
-)
-from .data.reasonpart import MANIFEST
-from .data.reasonseg_writer import Holes, dumps_reasonseg, mask_to_shapes, reasonseg_document
-from .data.records import ReaderWarning, SegSample, warning_kind
-from .errors import CoresError
-from .fileio import OutputLocked, atomic_write_text, exclusive_lock
+from .. import __version__
+from ..contexts import SPECIAL_TOKENS, ExemplarError, names_object, object_key
+from ..data.layout import load_json, require_dir, require_file, upright_size
+from ..data.masks import rasterize_shapes
+from ..data.parts import PartSource, check_coco_parts, coco_part_warnings, partimagenet_image_path, partimagenet_name, pascal_part_name, read_coco_parts
+from ..data.reasonpart import MANIFEST
+from ..data.reasonseg_writer import dumps_reasonseg, mask_to_shapes, reasonseg_document
+from ..data.records import ReaderWarning, SegSample, warning_kind
+from ..errors import CoresError
+from ..fileio import OutputLocked, atomic_write_text, exclusive_lock
+from .append_only import append_line, repair_torn_tail
+from .chat_loop import BuildProgress, ChatJob, ChatLoop, RunSummary, format_counts
+from .chat_requests import reply_json
+from .chat_settings import ChatSettings, check_chat_settings, make_client
 
 PROMPT_VERSION = "reasonpart-prompt-2"
 """Changes whenever SYSTEM_PROMPT, PROMPT_EXAMPLES or the request format change (2: item ids
 unique in the run instead of "1", "2", ... per request)."""
-SOURCES = ("partimagenet", "pascalpart")
 EXTRA_KEY = "cores_reasonpart"
 LOCK_FILE = ".make-reasonpart.lock"
 JOURNAL = ".make-reasonpart.journal"
 MIN_QUESTION_WORDS = 6
 MAX_QUESTION_WORDS = 60
 MAX_QUESTION_CHARS = 320
-ImageMode = Literal["symlink", "hardlink", "copy"]
-QuestionMode = Literal["chat", "template"]
+
+
+# The fixed choices of make-reasonpart's options. The command line hands the library these
+# members (Typer checks the value once, there); a library caller may give the values instead.
+
+
+class PartDataset(str, Enum):
+    """--source: how the annotation file names its categories and where its images lie."""
+
+    partimagenet = "partimagenet"
+    pascalpart = "pascalpart"
+
+
+class QuestionMode(str, Enum):
+    """--questions: asked of the chat model, or drawn from the shipped part→function table."""
+
+    chat = "chat"
+    template = "template"
+
+
+class ImageMode(str, Enum):
+    """--image-mode: how the source image is put into the output."""
+
+    symlink = "symlink"
+    hardlink = "hardlink"
+    copy = "copy"
+
+
+class HoleMode(str, Enum):
+    """--holes: holes inside a part become ``ignore`` polygons or are filled (counted as part)."""
+
+    ignore = "ignore"
+    fill = "fill"
 
 SYSTEM_PROMPT = """\
 You write questions for a benchmark of reasoning part segmentation: a model sees a photo and a \
@@ -260,7 +274,7 @@ def load_part_table(path: Path | None = None) -> PartTable:
 class ReasonPartOptions(ChatSettings):
     """What ``cores make-reasonpart`` exposes; the defaults are the command's defaults."""
 
-    source: str
+    source: PartDataset
     ann: Path
     images: Path
     out: Path
@@ -268,14 +282,21 @@ class ReasonPartOptions(ChatSettings):
     split: str | None = None  # output folder name; None = the source's name
     parts_per_image: int = 1
     min_area: float = 0.005
-    questions: QuestionMode = "chat"
-    image_mode: ImageMode = "symlink"
-    holes: Holes = "ignore"
+    questions: QuestionMode = QuestionMode.chat
+    image_mode: ImageMode = ImageMode.symlink
+    holes: HoleMode = HoleMode.ignore
     batch_size: int = 4  # items per request
     few_shot: int = 4
     item_attempts: int = 3
     skip_missing: bool = False
     table: Path | None = None
+
+    def __post_init__(self) -> None:
+        # members from the command line stay as they are; values ("template") become members
+        self.source = PartDataset(self.source)
+        self.questions = QuestionMode(self.questions)
+        self.image_mode = ImageMode(self.image_mode)
+        self.holes = HoleMode(self.holes)
 
 
 @dataclass
@@ -385,20 +406,18 @@ def place_image(src: Path, dest: Path, mode: ImageMode) -> None:
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     try:
-        if mode == "symlink":
+        if mode is ImageMode.symlink:
             os.symlink(os.path.abspath(src), tmp)
-        elif mode == "hardlink":
+        elif mode is ImageMode.hardlink:
             os.link(src, tmp)
-        elif mode == "copy":
-            shutil.copyfile(src, tmp)
         else:
-            raise CoresError(f"unknown image mode {mode!r}; choose symlink, hardlink or copy")
+            shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
     except OSError as exc:
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
-        hint = "; try --image-mode copy" if mode != "copy" else ""
-        raise CoresError(f"cannot {mode} {src} to {dest} ({exc.strerror or exc}){hint}") from None
+        hint = "; try --image-mode copy" if mode is not ImageMode.copy else ""
+        raise CoresError(f"cannot {mode.value} {src} to {dest} ({exc.strerror or exc}){hint}") from None
 
 
 def _is_item_json(path: Path, entry: dict[str, Any]) -> bool:
@@ -495,47 +514,39 @@ def prepare(options: ReasonPartOptions, api_key: str | None = None) -> ReasonPar
     return ReasonPartBuild(options, api_key)
 
 
-def _check_options(o: ReasonPartOptions, api_key: str | None) -> None:
-    if o.source not in SOURCES:
-        raise CoresError(f"unknown --source {o.source!r}; choose {' or '.join(SOURCES)}")
-    if o.questions not in ("chat", "template"):
-        raise CoresError(f"unknown --questions {o.questions!r}; choose chat or template")
-    if o.image_mode not in ("symlink", "hardlink", "copy"):
-        raise CoresError(f"unknown --image-mode {o.image_mode!r}; choose symlink, hardlink or copy")
-    if o.holes not in ("ignore", "fill"):
-        raise CoresError(f"unknown --holes {o.holes!r}; choose ignore or fill")
+def _check_options(options: ReasonPartOptions, api_key: str | None) -> None:
     for name in ("parts_per_image", "batch_size", "item_attempts"):
-        if getattr(o, name) < 1:
+        if getattr(options, name) < 1:
             raise CoresError(f"--{name.replace('_', '-')} must be at least 1")
-    if o.n is not None and o.n < 1:
+    if options.n is not None and options.n < 1:
         raise CoresError("--n must be at least 1")
-    if not 0 <= o.min_area < 1:
+    if not 0 <= options.min_area < 1:
         raise CoresError("--min-area is a fraction of the image: at least 0 and below 1")
-    if o.split is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", o.split):
-        raise CoresError(f"--split {o.split!r} must be a plain folder name (letters, digits, '-' and '_')")
-    _check_paths(o)
-    if o.questions == "chat":
-        check_chat_settings(o, api_key or "")
+    if options.split is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", options.split):
+        raise CoresError(f"--split {options.split!r} must be a plain folder name (letters, digits, '-' and '_')")
+    _check_paths(options)
+    if options.questions is QuestionMode.chat:
+        check_chat_settings(options, api_key or "")
 
 
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _check_paths(o: ReasonPartOptions) -> None:
+def _check_paths(options: ReasonPartOptions) -> None:
     """Refuse inputs and output that overlap (module docstring, Files), on real paths: symlinks
     and ``..`` resolved, so that ``--images link-to-out/partimagenet`` is caught too."""
-    out = Path(os.path.realpath(o.out))
-    split_dir = Path(os.path.realpath(out / (o.split or o.source)))  # itself a link, possibly
-    images = Path(os.path.realpath(o.images))
+    out = Path(os.path.realpath(options.out))
+    split_dir = Path(os.path.realpath(out / (options.split or options.source.value)))  # itself a link, possibly
+    images = Path(os.path.realpath(options.images))
     if out.exists() and not out.is_dir():
-        raise CoresError(f"--out {o.out} is a file; give a folder")
+        raise CoresError(f"--out {options.out} is a file; give a folder")
     if _inside(images, split_dir):
-        raise CoresError(f"--images {o.images} lies inside {split_dir}, where make-reasonpart writes; choose another --out or --split")
+        raise CoresError(f"--images {options.images} lies inside {split_dir}, where make-reasonpart writes; choose another --out or --split")
     if _inside(out, images):
-        raise CoresError(f"--out {o.out} lies inside --images {o.images}; write the benchmark outside the image folder")
+        raise CoresError(f"--out {options.out} lies inside --images {options.images}; write the benchmark outside the image folder")
     ours = {out / MANIFEST, out / JOURNAL, out / LOCK_FILE}
-    for flag, given in (("--ann", o.ann), ("--table", o.table)):
+    for flag, given in (("--ann", options.ann), ("--table", options.table)):
         if given is None:
             continue
         real = Path(os.path.realpath(given))
@@ -549,15 +560,15 @@ class ReasonPartBuild:
     Made by :func:`prepare`, holding ``out``'s lock until :meth:`close` (or the end of a ``with``
     block); :meth:`run` does the work and returns the summary."""
 
-    def __init__(self, o: ReasonPartOptions, api_key: str | None = None) -> None:
-        self.o = o
+    def __init__(self, options: ReasonPartOptions, api_key: str | None = None) -> None:
+        self.options = options
         self.api_key = api_key or ""
-        self.split = o.split or o.source
-        self.out = Path(o.out)
+        self.split = options.split or options.source.value
+        self.out = Path(options.out)
         self.dir = self.out / self.split
         self.manifest = self.out / MANIFEST
         self.journal = self.out / JOURNAL
-        self.table = load_part_table(o.table)
+        self.table = load_part_table(options.table)
         self.retry: deque[PartItem] = deque()
         self.unresolved: set[str] = set()  # opened images with nothing written yet
         self.attempts: Counter[tuple[str, str]] = Counter()
@@ -569,16 +580,18 @@ class ReasonPartBuild:
         self.by_key = {image_key(s): s for s in samples}
         self.stems = self._stems(samples)
         pool = sorted(self.by_key)
-        random.Random(o.seed).shuffle(pool)
-        target = len(pool) if o.n is None else o.n
+        random.Random(options.seed).shuffle(pool)
+        target = len(pool) if options.n is None else options.n
         if target > len(pool):
             raise CoresError(
-                f"--n {o.n} but only {len(pool)} images of {o.ann} have a part annotation"
-                + (" with a template" if o.questions == "template" else "")
+                f"--n {options.n} but only {len(pool)} images of {options.ann} have a part annotation"
+                + (" with a template" if options.questions is QuestionMode.template else "")
             )
-        model = o.model if o.questions == "chat" else "template"
-        self.s = ReasonPartSummary(target=target, out=str(self.out), model=model, split=self.split, mode=o.questions)
-        self.s.annotation_warnings = self.annotation_warnings
+        model = options.model if options.questions is QuestionMode.chat else "template"
+        self.summary = ReasonPartSummary(
+            target=target, out=str(self.out), model=model, split=self.split, mode=options.questions.value
+        )
+        self.summary.annotation_warnings = self.annotation_warnings
         self._held = contextlib.ExitStack()
         try:
             self._lock()
@@ -586,8 +599,8 @@ class ReasonPartBuild:
             self._check_planned_names()
             self.done: set[str] = set(written)
             self.pool = deque(k for k in pool if k not in self.done)
-            self.s.existing = len(self.done)
-            self.s.items_existing = sum(len(v) for v in written.values())
+            self.summary.existing = len(self.done)
+            self.summary.items_existing = sum(len(v) for v in written.values())
             self._queue_missing_parts(written)
         except BaseException:
             self.close()  # a build that failed to start holds no lock
@@ -605,47 +618,49 @@ class ReasonPartBuild:
 
     def run(self, on_progress: Callable[[BuildProgress], None] | None = None) -> ReasonPartSummary:
         if self.finished():
-            return self.s
+            return self.summary
         try:
-            if self.o.questions == "template":
+            if self.options.questions is QuestionMode.template:
                 self.run_template(on_progress)
             else:
-                _QuestionLoop(self.o, self.api_key, make_client(self.o, self.api_key), self, on_progress).run()
+                _QuestionLoop(self.options, self.api_key, make_client(self.options, self.api_key), self, on_progress).run()
         finally:
             self._compact_journal()
-        return self.s
+        return self.summary
 
     # ---- reading the source
     def _read_source(self) -> list[SegSample]:
-        o = self.o
-        what = f"{o.source} annotations (--ann)"
-        data = load_json(require_file(Path(o.ann), what), what)
-        check_coco_parts(data, Path(o.ann), what)
+        options = self.options
+        source_name = options.source.value
+        what = f"{source_name} annotations (--ann)"
+        data = load_json(require_file(Path(options.ann), what), what)
+        check_coco_parts(data, Path(options.ann), what)
         self.annotation_warnings.update(coco_part_warnings(data))
-        name_of = partimagenet_name if o.source == "partimagenet" else pascal_part_name
+        from_partimagenet = options.source is PartDataset.partimagenet
+        name_of = partimagenet_name if from_partimagenet else pascal_part_name
         classes = {str(c["name"]): name_of(c) for c in data["categories"]}
         self.classes = classes
-        _check_naming(o.source, Path(o.ann), sorted(classes))
+        _check_naming(source_name, Path(options.ann), sorted(classes))
         usable = set(filter(self._askable, classes))
         if not usable:
             raise CoresError(self._no_parts_message(classes))
-        images = require_dir(Path(o.images), f"{o.source} images (--images)")
-        image_path = partimagenet_image_path(images) if o.source == "partimagenet" else (lambda img, _ix: images / img["file_name"])
-        source = PartSource(o.source, Path(o.ann).name, Path(o.ann), name_of, image_path)
+        images = require_dir(Path(options.images), f"{source_name} images (--images)")
+        image_path = partimagenet_image_path(images) if from_partimagenet else (lambda img, _ix: images / img["file_name"])
+        source = PartSource(source_name, Path(options.ann).name, Path(options.ann), name_of, image_path)
         hint = f"check --images {images}, or pass --skip-missing to leave them out"
-        samples = read_coco_parts(source, skip_missing=o.skip_missing, missing_hint=hint, data=data)
+        samples = read_coco_parts(source, skip_missing=options.skip_missing, missing_hint=hint, data=data)
         kept = [s for s in samples if any(n in usable for n in s.meta["classes"])]
         if not kept:
-            raise CoresError(f"{o.ann} holds no image with a usable part annotation")
+            raise CoresError(f"{options.ann} holds no image with a usable part annotation")
         return kept
 
     def _no_parts_message(self, classes: dict[str, tuple[str, str | None]]) -> str:
-        o = self.o
+        options = self.options
         names = sorted(classes)
         listed = ", ".join(repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
         if all(part is None for _obj, part in classes.values()):
-            return f"{o.ann}: no category name reads as a part of an object ({listed})"
-        return f"{o.ann}: none of its part classes ({listed}) is in the part-function table {self.table.path}; use --questions chat"
+            return f"{options.ann}: no category name reads as a part of an object ({listed})"
+        return f"{options.ann}: none of its part classes ({listed}) is in the part-function table {self.table.path}; use --questions chat"
 
     @staticmethod
     def _stems(samples: list[SegSample]) -> dict[str, str]:
@@ -676,7 +691,7 @@ class ReasonPartBuild:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CoresError(f"cannot create {self.dir} ({exc.strerror or exc})") from None
-        self.s.torn_tail_removed = repair_torn_tail(self.manifest)
+        self.summary.torn_tail_removed = repair_torn_tail(self.manifest)
         repair_torn_tail(self.journal)
         records = read_manifest(self.manifest)
         keep: list[dict] = []
@@ -686,9 +701,9 @@ class ReasonPartBuild:
             if rec["split"] != self.split:
                 keep.append(rec)
                 continue
-            if rec["source"] != self.o.source:
+            if rec["source"] != self.options.source.value:
                 raise CoresError(
-                    f"{self.manifest} holds {self.split!r} items made from {rec['source']}, not {self.o.source}; "
+                    f"{self.manifest} holds {self.split!r} items made from {rec['source']}, not {self.options.source.value}; "
                     "use another --split or --out"
                 )
             # lexists: a link whose source image moved away is still this item's file
@@ -701,7 +716,7 @@ class ReasonPartBuild:
             self.owned.update((f"{rec['name']}.json", rec["image"]))
             written.setdefault(json.dumps(rec.get("image_id")), set()).add(str(rec.get("part_class")))
         if stale:
-            self.s.stale_lines_removed = len(stale)
+            self.summary.stale_lines_removed = len(stale)
             atomic_write_text(self.manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
             for rec in stale:  # listed, so ours: the file the user (or a disk) left of it goes too
                 sample = self.by_key.get(json.dumps(rec.get("image_id")))
@@ -721,10 +736,10 @@ class ReasonPartBuild:
             return
         sample = self.by_key.get(json.dumps(rec.get("image_id")))
         if sample is None or not Path(sample.image_path).is_file():
-            self.s.dangling += 1
+            self.summary.dangling += 1
             return
-        place_image(Path(sample.image_path), link, "symlink")
-        self.s.relinked += 1
+        place_image(Path(sample.image_path), link, ImageMode.symlink)
+        self.summary.relinked += 1
 
     def _remove_unfinished_items(self) -> None:
         """Files of items the journal says were begun and the manifest does not list (a kill
@@ -734,7 +749,7 @@ class ReasonPartBuild:
         others = [e for e in entries if e["split"] != self.split]
         for entry in entries:
             if entry["split"] == self.split and entry["name"] not in self.names:
-                self.s.orphans_removed += self._remove_item_files(entry)
+                self.summary.orphans_removed += self._remove_item_files(entry)
         if len(others) != len(entries):
             self._write_journal(others)
 
@@ -781,7 +796,7 @@ class ReasonPartBuild:
                 other = planned.setdefault(name, (key, class_name))
                 if other != (key, class_name):
                     raise CoresError(
-                        f"{self.o.ann}: image {other[0]} class {other[1]!r} and image {key} class {class_name!r} "
+                        f"{self.options.ann}: image {other[0]} class {other[1]!r} and image {key} class {class_name!r} "
                         f"would both be written as {self.dir / name}.json; rename one of the categories"
                     )
                 foreign += [f for f in (f"{name}.json", name + suffix) if f in present and f not in self.owned]
@@ -795,7 +810,7 @@ class ReasonPartBuild:
     def _queue_missing_parts(self, written: dict[str, set[str]]) -> None:
         """Images already in the output with fewer items than chosen get the missing ones."""
         for key, classes in written.items():
-            if len(classes) >= self.o.parts_per_image or key not in self.by_key:
+            if len(classes) >= self.options.parts_per_image or key not in self.by_key:
                 continue
             task = self._open(self.by_key[key])
             if task is None:
@@ -822,13 +837,13 @@ class ReasonPartBuild:
         info = self.classes.get(class_name)
         if info is None or info[1] is None:
             return False
-        return self.o.questions == "chat" or self.table.get(self.o.source, class_name) is not None
+        return self.options.questions is QuestionMode.chat or self.table.get(self.options.source.value, class_name) is not None
 
     def _open(self, sample: SegSample) -> ImageTask | None:
         key = image_key(sample)
         size = upright_size(Path(sample.image_path))
         if size is None:
-            self.s.skipped["unreadable image"] += 1
+            self.summary.skipped["unreadable image"] += 1
             return None
         warnings = list(sample.meta.get("warnings", []))
         if tuple(size) != tuple(sample.meta["image_size"]):
@@ -840,7 +855,7 @@ class ReasonPartBuild:
             info = sample.meta["classes"].get(rnd.class_name)
             if info is None or not self._askable(rnd.class_name):
                 continue
-            entry = self.table.get(self.o.source, rnd.class_name)
+            entry = self.table.get(self.options.source.value, rnd.class_name)
             mask = (rnd.target.rasterize(*size) == 1).astype(np.uint8)
             candidates.append(
                 PartItem(
@@ -849,9 +864,9 @@ class ReasonPartBuild:
                     list(info["annotation_ids"]), float(mask.mean()), mask,
                 )
             )
-        chosen = choose_parts(candidates, self.o.parts_per_image, self.o.min_area, random.Random(f"{self.o.seed}:{key}"))
+        chosen = choose_parts(candidates, self.options.parts_per_image, self.options.min_area, random.Random(f"{self.options.seed}:{key}"))
         if not chosen:
-            self.s.skipped["no non-empty part"] += 1
+            self.summary.skipped["no non-empty part"] += 1
             return None
         for it in chosen:
             it.other_parts = sorted({c.part for c in candidates if c.part != it.part})
@@ -860,14 +875,14 @@ class ReasonPartBuild:
 
     # ---- outcomes of one item
     def finished(self) -> bool:
-        return self.s.complete and not self.retry
+        return self.summary.complete and not self.retry
 
     def room(self) -> int:
-        return self.s.target - self.s.total - len(self.unresolved)
+        return self.summary.target - self.summary.total - len(self.unresolved)
 
     def write(self, item: PartItem, question: str) -> None:
         task = item.image
-        o = self.o
+        options = self.options
         name = item_name(task.stem, item.class_name)
         src = Path(task.sample.image_path)
         image_name = name + image_suffix(src)
@@ -881,69 +896,70 @@ class ReasonPartBuild:
         begun = {"split": self.split, "name": name, "image": image_name, "src": os.path.abspath(src),
                  "image_id": image_id, "part_class": item.class_name}
         append_line(self.journal, json.dumps(begun, ensure_ascii=False))  # recorded as ours before the files exist
-        place_image(src, self.dir / image_name, o.image_mode)
-        shapes = mask_to_shapes(item.mask, o.holes)
+        place_image(src, self.dir / image_name, options.image_mode)
+        shapes = mask_to_shapes(item.mask, options.holes.value)
         iou = conversion_iou(shapes, item.mask)
-        extra = {EXTRA_KEY: {"version": 1, "source": o.source, "part_class": item.class_name, "image_id": image_id, "mode": o.questions}}
+        source, mode = options.source.value, options.questions.value
+        extra = {EXTRA_KEY: {"version": 1, "source": source, "part_class": item.class_name, "image_id": image_id, "mode": mode}}
         doc = reasonseg_document([question], True, shapes, image_name, extra)
         atomic_write_text(self.dir / f"{name}.json", dumps_reasonseg(doc))
-        chat = o.questions == "chat"
+        chat = options.questions is QuestionMode.chat
         record = {
-            "name": name, "split": self.split, "image": image_name, "source": o.source,
-            "annotation_file": Path(o.ann).name, "image_id": image_id, "file_name": task.sample.meta["file_name"],
+            "name": name, "split": self.split, "image": image_name, "source": source,
+            "annotation_file": Path(options.ann).name, "image_id": image_id, "file_name": task.sample.meta["file_name"],
             "category_id": item.category_id, "part_class": item.class_name, "object": item.obj, "part": item.part,
             "annotation_ids": item.annotation_ids, "area_fraction": round(item.area_fraction, 6),
-            "question": question, "mode": o.questions, "model": o.model if chat else None,
+            "question": question, "mode": mode, "model": options.model if chat else None,
             "prompt_version": PROMPT_VERSION if chat else None, "template_version": None if chat else self.table.version,
-            "seed": o.seed, "holes": o.holes, "target_polygons": sum(s.label == "target" for s in shapes),
+            "seed": options.seed, "holes": options.holes.value, "target_polygons": sum(s.label == "target" for s in shapes),
             "ignore_polygons": sum(s.label != "target" for s in shapes), "conversion_iou": round(iou, 6),
             "warnings": task.warnings, "cores_version": __version__, "src": os.path.abspath(src),
         }
         append_line(self.manifest, json.dumps(record, ensure_ascii=False))
         self.names.add(name)
         self.owned.update((f"{name}.json", image_name))
-        self.s.items_written += 1
-        self.s.min_conversion_iou = iou if self.s.min_conversion_iou is None else min(self.s.min_conversion_iou, iou)
+        self.summary.items_written += 1
+        self.summary.min_conversion_iou = iou if self.summary.min_conversion_iou is None else min(self.summary.min_conversion_iou, iou)
         task.written += 1
         task.pending -= 1
         if task.key not in self.done:
             self.done.add(task.key)
             self.unresolved.discard(task.key)
-            self.s.accepted += 1
+            self.summary.accepted += 1
             for warning in task.warnings:  # per written image, as the manifest lists them
                 self.annotation_warnings[f"written images with a {warning_kind(warning)} warning (see the manifest)"] += 1
 
     def reject(self, item: PartItem, reason: str | None) -> None:
         """A question that was not accepted (``reason`` None: already counted for the reply)."""
         if reason:
-            self.s.rejected[reason] += 1
+            self.summary.rejected[reason] += 1
         key = (item.image.key, item.class_name)
         self.attempts[key] += 1
-        if self.attempts[key] < self.o.item_attempts:
+        if self.attempts[key] < self.options.item_attempts:
             self.retry.append(item)
             return
         task = item.image
         task.pending -= 1
-        self.s.dropped_items += 1
+        self.summary.dropped_items += 1
         if task.pending == 0 and task.written == 0:
-            self.s.dropped_images += 1
+            self.summary.dropped_images += 1
             self.unresolved.discard(task.key)
 
     def exhausted_reason(self) -> str:
         parts = [f"ran out of images: {len(self.by_key)} have a part annotation"]
-        if self.s.skipped:
-            parts.append(f"passed over: {format_counts(self.s.skipped)}")
-        if self.s.dropped_images:
-            parts.append(f"{self.s.dropped_images} got no acceptable question in {self.o.item_attempts} tries")
-        if self.s.rejected:
-            parts.append(f"rejections: {format_counts(self.s.rejected)}")
+        if self.summary.skipped:
+            parts.append(f"passed over: {format_counts(self.summary.skipped)}")
+        if self.summary.dropped_images:
+            parts.append(f"{self.summary.dropped_images} got no acceptable question in {self.options.item_attempts} tries")
+        if self.summary.rejected:
+            parts.append(f"rejections: {format_counts(self.summary.rejected)}")
         return "; ".join(parts)
 
     # ---- template mode
     def template_question(self, item: PartItem) -> str:
-        entry = self.table.get(self.o.source, item.class_name)
+        entry = self.table.get(self.options.source.value, item.class_name)
         assert entry is not None  # template mode only opens parts that have an entry
-        return random.Random(f"{self.o.seed}:{item.image.key}:{item.class_name}").choice(entry.questions)
+        return random.Random(f"{self.options.seed}:{item.image.key}:{item.class_name}").choice(entry.questions)
 
     def run_template(self, on_progress: Callable[[BuildProgress], None] | None) -> None:
         """Every item gets a table question: no requests, deterministic by seed."""
@@ -960,9 +976,9 @@ class ReasonPartBuild:
                 except QuestionRejected as exc:  # only a hand-edited table gets here
                     self.reject(item, exc.reason)
             if on_progress is not None:
-                on_progress(BuildProgress(self.s.total, self.s.target, self.s.accepted, sum(self.s.rejected.values()), 0))
+                on_progress(BuildProgress(self.summary.total, self.summary.target, self.summary.accepted, sum(self.summary.rejected.values()), 0))
         if not self.finished():
-            self.s.stop_reason = self.exhausted_reason()
+            self.summary.stop_reason = self.exhausted_reason()
 
 
 def _check_naming(source: str, ann: Path, names: list[str]) -> None:
@@ -1014,31 +1030,31 @@ class _QuestionLoop(ChatLoop):
     """Requests of ``batch_size`` items; new images are opened only while there is room."""
 
     def __init__(self, options: ReasonPartOptions, api_key: str, client, builder: ReasonPartBuild, on_progress) -> None:
-        super().__init__(options, api_key, client, builder.s, on_progress)
-        self.o: ReasonPartOptions = options
-        self.b = builder
+        super().__init__(options, api_key, client, builder.summary, on_progress)
+        self.options: ReasonPartOptions = options
+        self.build = builder
         # Item ids: a random nonce per run and a counter, so that no two requests of this run (and
         # almost surely none of an earlier run) share an id: a reply matches only its own request.
         self.nonce = secrets.token_hex(3)
         self.counter = itertools.count(1)
 
     def room(self) -> int:
-        return self.b.room()
+        return self.build.room()
 
     def done(self) -> bool:
-        return self.b.finished()
+        return self.build.finished()
 
     def next_job(self, room: int) -> ChatJob | None:
         items: list[PartItem] = []
-        while self.b.retry and len(items) < self.o.batch_size:
-            items.append(self.b.retry.popleft())
+        while self.build.retry and len(items) < self.options.batch_size:
+            items.append(self.build.retry.popleft())
         opened = 0
-        while len(items) < self.o.batch_size and opened < room and (task := self.b.open_next()) is not None:
+        while len(items) < self.options.batch_size and opened < room and (task := self.build.open_next()) is not None:
             opened += 1
             items.extend(task.items)
-        if len(items) > self.o.batch_size:
-            self.b.retry.extendleft(reversed(items[self.o.batch_size :]))
-            items = items[: self.o.batch_size]
+        if len(items) > self.options.batch_size:
+            self.build.retry.extendleft(reversed(items[self.options.batch_size :]))
+            items = items[: self.options.batch_size]
         if not items:
             return None
         asked = {f"{self.nonce}-{next(self.counter)}": it for it in items}
@@ -1047,31 +1063,31 @@ class _QuestionLoop(ChatLoop):
     def _examples(self, items: list[PartItem]) -> list[tuple[str, str, tuple[str, ...], str]]:
         asked = {object_key(it.part) for it in items}
         pool = [e for e in PROMPT_EXAMPLES if object_key(e[1]) not in asked]
-        return self.rng.sample(pool, min(self.o.few_shot, len(pool)))
+        return self.rng.sample(pool, min(self.options.few_shot, len(pool)))
 
     def handle_failure(self, job: ChatJob) -> None:
-        self.b.retry.extend(job.payload.values())  # not the items' fault: ask again, no attempt used
+        self.build.retry.extend(job.payload.values())  # not the items' fault: ask again, no attempt used
 
     def handle_reply(self, job: ChatJob, content: str | None) -> int:
         asked: dict[str, PartItem] = job.payload
         try:
             answers = self._match(asked, parse_questions(content))
         except ExemplarError as exc:
-            self.s.rejected[exc.reason] += 1
+            self.summary.rejected[exc.reason] += 1
             for it in asked.values():
-                self.b.reject(it, None)
+                self.build.reject(it, None)
             return 0
         accepted = 0
         for qid, it in asked.items():
             if qid not in answers:
-                self.b.reject(it, "missing from the reply")
+                self.build.reject(it, "missing from the reply")
                 continue
             try:
                 question = validate_question(answers[qid], it.part, it.names)
             except QuestionRejected as exc:
-                self.b.reject(it, exc.reason)
+                self.build.reject(it, exc.reason)
                 continue
-            self.b.write(it, question)
+            self.build.write(it, question)
             accepted += 1
         return accepted
 
@@ -1081,12 +1097,12 @@ class _QuestionLoop(ChatLoop):
         matched: dict[str, object] = {}
         for qid, question in answers:
             if qid not in asked:
-                self.s.rejected["not requested"] += 1
+                self.summary.rejected["not requested"] += 1
             elif qid in matched:
-                self.s.rejected["answered twice"] += 1
+                self.summary.rejected["answered twice"] += 1
             else:
                 matched[qid] = question
         return matched
 
     def exhausted_reason(self) -> str:
-        return self.b.exhausted_reason()
+        return self.build.exhausted_reason()

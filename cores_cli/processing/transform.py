@@ -1,5 +1,10 @@
-"""The one shared record → tensor path: image preprocessing for SAM and CLIP, target masks in
-SAM's input frame, the encoded conversation, and the collate into a :class:`Batch`.
+"""The processor: the one record → tensor path (as transformers keeps ``processing_llava.py``
+beside ``modeling_llava.py``): image preprocessing for SAM and CLIP, target masks in SAM's input
+frame, the encoded conversation, and the collate into the model's :class:`Batch`.
+
+Build it for a model with :meth:`SampleTransform.for_model`. Training and evaluation records
+(:class:`SegSample`, with targets) go through ``transform(sample)``; a prediction has no target
+and goes through :meth:`SampleTransform.image` and :meth:`SampleTransform.encode_queries`.
 
 SAM sees the image resized so its longest side is ``sam.image_size`` (as SAM's
 ``ResizeLongestSide``), normalised, and zero-padded at the bottom/right to a square. Training
@@ -16,18 +21,24 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..config import ModelConfig
+from ..config import SAM_PIXEL_MEAN, SAM_PIXEL_STD, ModelConfig
 from ..contexts import ExemplarSampler
+from ..data.records import QueryStyle, SegSample
+from ..ignore_values import IGNORE, IGNORE_INDEX
 from ..images import DEFAULT_MAX_PIXELS, load_image
-from ..model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from ..model.inputs import Batch
 from .conversation import ConversationEncoder, format_question, pick_answers
-from .records import IGNORE, SegSample
+
+if TYPE_CHECKING:
+    from ..model.cores import CoresModel
 
 
 # Beyond this aspect ratio the CLIP input is made by a route whose intermediate image stays
@@ -54,12 +65,14 @@ def _resize(pixels: np.ndarray, size_hw: tuple[int, int], resample: Image.Resamp
     return np.array(Image.fromarray(pixels).resize((w, h), resample, reducing_gap=3.0 if resample != Image.NEAREST else None))
 
 
-def sam_image(pixels: np.ndarray, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def sam_image(
+    pixels: np.ndarray, image_size: int, mean: Sequence[float] = SAM_PIXEL_MEAN, std: Sequence[float] = SAM_PIXEL_STD
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """uint8 (H, W, 3) → normalised, padded float (3, S, S) and the resized (h, w)."""
     h, w = longest_side_shape(pixels.shape[0], pixels.shape[1], image_size)
     small = _resize(pixels, (h, w), Image.BILINEAR)
     x = torch.from_numpy(np.ascontiguousarray(small)).permute(2, 0, 1).float()
-    x = (x - torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)) / torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     out = torch.zeros(3, image_size, image_size)
     out[:, :h, :w] = x
     return out, (h, w)
@@ -136,6 +149,24 @@ def sample_pixels(sample: SegSample, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
 
 
 @dataclass
+class ImageInputs:
+    """One image, made ready for both towers once (all its queries share it)."""
+
+    pixels: np.ndarray
+    """uint8 (H, W, 3), upright."""
+    sam_image: torch.Tensor
+    """(3, S, S) float."""
+    clip_image: torch.Tensor
+    """(3, C, C) float."""
+    input_size: tuple[int, int]
+    """(h, w) of the image inside SAM's padded square."""
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
+
+
+@dataclass
 class EncodedSample:
     sample_id: str
     sam_image: torch.Tensor
@@ -145,7 +176,7 @@ class EncodedSample:
     input_ids: list[int]
     labels: list[int]
     targets: torch.Tensor | None
-    """(R, S, S) uint8 in {0, 1, 255}; None when the record has no masks (prediction)."""
+    """(R, S, S) uint8 in {0, 1, 255}; None when there is no target (prediction)."""
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     questions: list[str]
@@ -155,6 +186,10 @@ class EncodedSample:
     meta: dict = field(default_factory=dict)
     image_key: str = ""
     """Rows with the same non-empty key share one image (one SAM encoder pass); "" = own image."""
+
+    def with_answer(self, input_ids: list[int], answer: str) -> EncodedSample:
+        """This prompt continued by a generated answer, to be run teacher-forced (no labels)."""
+        return dataclasses.replace(self, input_ids=input_ids, labels=[IGNORE_INDEX] * len(input_ids), answers=[answer])
 
 
 class SampleTransform:
@@ -181,128 +216,103 @@ class SampleTransform:
         self.with_targets = with_targets
         self.max_pixels = max_pixels
 
+    @classmethod
+    def for_model(
+        cls,
+        model: CoresModel,
+        exemplars: ExemplarSampler | None = None,
+        *,
+        train: bool = False,
+        seed: int | None = None,
+        with_targets: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> SampleTransform:
+        """The processor of ``model``: its tokenizer, prompt, chain, image token count and
+        tower sizes. ``with_targets=False`` skips drawing target masks (prediction)."""
+        encoder = ConversationEncoder.for_model(model)
+        return cls(model.cfg, encoder, exemplars, model.clip_size, train=train, seed=seed, with_targets=with_targets, max_pixels=max_pixels)
+
+    def reseed(self, answers: int | str | None = None, exemplars: int | str | None = None) -> None:
+        """Restart the answer-phrasing draw (training) and the exemplar draw from these seeds,
+        so that what a sample gets depends on the seed alone, not on what came before."""
+        if answers is not None and self.train:
+            self.rng = random.Random(answers)
+        if exemplars is not None and self.sampler is not None:
+            self.sampler.reseed(exemplars)
+
     def pixels(self, sample: SegSample) -> np.ndarray:
         return sample_pixels(sample, self.max_pixels)
 
+    def image(self, pixels: np.ndarray) -> ImageInputs:
+        """uint8 (H, W, 3) → both towers' inputs."""
+        sam = self.cfg.sam
+        s_img, input_size = sam_image(pixels, sam.image_size, sam.pixel_mean, sam.pixel_std)
+        m = self.cfg.mllm
+        c_img = clip_image(pixels, self.clip_size, m.image_mean, m.image_std, m.image_mode)
+        return ImageInputs(pixels, s_img, c_img, input_size)
+
     def __call__(self, sample: SegSample, pixels: np.ndarray | None = None, generate: bool = False, exemplar_key: str | None = None) -> EncodedSample:
-        """Encode all rounds of ``sample`` as one conversation.
+        """Encode all rounds of ``sample`` as one conversation, with its target masks (unless
+        ``generate`` or ``with_targets=False``).
 
         ``exemplar_key`` makes the exemplar draw a function of that key alone (evaluation: the
         same exemplars for a query whatever the batch order or the number of processes).
         """
-        pixels = self.pixels(sample) if pixels is None else pixels
-        s_img, input_size = sam_image(pixels, self.cfg.sam.image_size)
-        c_img = self._clip(pixels)
-        return self._encode(sample, pixels, s_img, c_img, input_size, generate, exemplar_key)
+        image = self.image(self.pixels(sample) if pixels is None else pixels)
+        questions = [(r.query, r.style) for r in sample.rounds]
+        enc = self.encode_queries(image, questions, sample.sample_id, generate=generate, exemplar_key=exemplar_key, meta=sample.meta)
+        if self.with_targets and not generate:
+            enc.targets = self._targets(sample, image)
+        return enc
 
-    def per_round(self, sample: SegSample, pixels: np.ndarray | None = None) -> list[EncodedSample]:
-        """One single-question conversation per round, all sharing one image (LISA's
-        evaluation: each sentence is asked on its own)."""
-        pixels = self.pixels(sample) if pixels is None else pixels
-        s_img, input_size = sam_image(pixels, self.cfg.sam.image_size)
-        c_img = self._clip(pixels)
-        out = []
-        for i, r in enumerate(sample.rounds):
-            one = dataclasses.replace(sample, sample_id=f"{sample.sample_id}#{i}", rounds=(r,))
-            enc = self._encode(one, pixels, s_img, c_img, input_size, False, one.sample_id)
-            enc.image_key = sample.sample_id
-            out.append(enc)
-        return out
-
-    def _clip(self, pixels: np.ndarray) -> torch.Tensor:
-        m = self.cfg.mllm
-        return clip_image(pixels, self.clip_size, m.image_mean, m.image_std, m.image_mode)
-
-    def _encode(self, sample, pixels, s_img, c_img, input_size, generate, exemplar_key) -> EncodedSample:
+    def encode_queries(
+        self,
+        image: ImageInputs,
+        queries: Sequence[tuple[str, QueryStyle]],
+        sample_id: str,
+        *,
+        generate: bool = False,
+        exemplar_key: str | None = None,
+        image_key: str = "",
+        meta: dict | None = None,
+    ) -> EncodedSample:
+        """One conversation asking ``queries`` (text, style) about ``image``, without targets.
+        ``generate`` ends the text where the model's answer begins."""
         cfg = self.cfg
-        questions = [format_question(r.query, r.style) for r in sample.rounds]
+        questions = [format_question(text, style) for text, style in queries]
         answers = None if generate else pick_answers(cfg.chain, len(questions), self.rng, cfg.prompt.answer_template)
         k = cfg.prompt.in_context_k
         exemplars = []
         if self.sampler is not None and k > 0:
             exemplars = self.sampler.sample_for(exemplar_key, k) if exemplar_key is not None else self.sampler.sample(k)
-        enc = self.encoder.encode(questions, answers, exemplars, sample.sample_id)
-        targets = None
-        if self.with_targets and not generate:
-            h, w = pixels.shape[:2]
-            masks = []
-            for r in sample.rounds:
-                m = r.target.rasterize(h, w)
-                if self.train:
-                    m = np.where(m == IGNORE, 0, m).astype(np.uint8)
-                masks.append(sam_target(m, input_size, cfg.sam.image_size))
-            targets = torch.stack(masks)
+        enc = self.encoder.encode(questions, answers, exemplars, sample_id)
         return EncodedSample(
-            sample_id=sample.sample_id,
-            sam_image=s_img,
-            clip_image=c_img,
+            sample_id=sample_id,
+            sam_image=image.sam_image,
+            clip_image=image.clip_image,
             input_ids=enc.input_ids,
             labels=enc.labels,
-            targets=targets,
-            original_size=(pixels.shape[0], pixels.shape[1]),
-            input_size=input_size,
+            targets=None,
+            original_size=image.original_size,
+            input_size=image.input_size,
             questions=questions,
             answers=answers,
             exemplars_used=enc.exemplars_used,
             query_truncated=enc.query_truncated,
-            meta=dict(sample.meta),
+            meta=dict(meta or {}),
+            image_key=image_key,
         )
 
-
-@dataclass
-class Batch:
-    """A collated batch. B sequences, L tokens, I distinct images, N targets (one per chain)."""
-
-    sam_images: torch.Tensor
-    """(I, 3, S, S) float: each distinct image once (I ≤ B)."""
-    clip_images: torch.Tensor
-    """(B, 3, C, C) float: per sequence."""
-    input_ids: torch.Tensor
-    """(B, L) long."""
-    attention_mask: torch.Tensor
-    """(B, L) long."""
-    labels: torch.Tensor
-    """(B, L) long, -100 outside the answers."""
-    target_row_index: torch.Tensor
-    """(N,) long: the row (token sequence) of each target."""
-    row_image_index: torch.Tensor
-    """(B,) long: the row of ``sam_images`` each sequence is about (rows may share an image)."""
-    targets: torch.Tensor | None
-    """(N, S, S) uint8 in {0, 1, 255}, or None."""
-    input_sizes: list[tuple[int, int]]
-    original_sizes: list[tuple[int, int]]
-    sample_ids: list[str]
-    questions: list[list[str]]
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        def mv(x: torch.Tensor | None, float_like: bool = False) -> torch.Tensor | None:
-            if x is None:
-                return None
-            return x.to(device=device, dtype=dtype) if (float_like and dtype is not None) else x.to(device)
-
-        return Batch(
-            sam_images=mv(self.sam_images, True),
-            clip_images=mv(self.clip_images, True),
-            input_ids=mv(self.input_ids),
-            attention_mask=mv(self.attention_mask),
-            labels=mv(self.labels),
-            target_row_index=mv(self.target_row_index),
-            row_image_index=mv(self.row_image_index),
-            targets=mv(self.targets),
-            input_sizes=self.input_sizes,
-            original_sizes=self.original_sizes,
-            sample_ids=self.sample_ids,
-            questions=self.questions,
-        )
-
-    @property
-    def num_targets(self) -> int:
-        return int(self.target_row_index.numel())
-
-    @property
-    def target_image_index(self) -> torch.Tensor:
-        """(N,) the ``sam_images`` row of each target."""
-        return self.row_image_index[self.target_row_index]
+    def _targets(self, sample: SegSample, image: ImageInputs) -> torch.Tensor:
+        """(R, S, S) uint8: each round's mask drawn at the image's size, then resized as SAM's input."""
+        h, w = image.original_size
+        masks = []
+        for r in sample.rounds:
+            m = r.target.rasterize(h, w)
+            if self.train:
+                m = np.where(m == IGNORE, 0, m).astype(np.uint8)
+            masks.append(sam_target(m, image.input_size, self.cfg.sam.image_size))
+        return torch.stack(masks)
 
 
 def collate(samples: list[EncodedSample], pad_token_id: int, chains_per_sample: list[int] | None = None, padding_side: str = "right") -> Batch:
@@ -314,7 +324,7 @@ def collate(samples: list[EncodedSample], pad_token_id: int, chains_per_sample: 
         raise ValueError("cannot collate an empty batch")
     length = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), -100, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     attn = torch.zeros((len(samples), length), dtype=torch.long)
     for i, s in enumerate(samples):
         n = len(s.input_ids)

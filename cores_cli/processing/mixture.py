@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
+from ..data.records import SegSample
+from ..data.registry import load_samples
 from ..errors import CoresError
-from .records import SegSample
-from .registry import load_samples
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +117,8 @@ def load_mixture(data_cfg: Any, seed: int = 0) -> Mixture:
 class MixtureDataset(Dataset):
     """Map-style dataset over the infinite stream: ``dataset[i]`` is the encoded sample ``i``.
 
-    ``transform`` is a training :class:`~cores_cli.data.transform.SampleTransform`; its answer
-    and exemplar generators are re-seeded from the index before each call.
+    ``transform`` is a training :class:`~cores_cli.processing.transform.SampleTransform`; its
+    answer and exemplar draws are re-seeded from the index before each call.
     """
 
     def __init__(self, mixture: Mixture, transform: Any, seed: int = 0) -> None:
@@ -131,9 +130,7 @@ class MixtureDataset(Dataset):
         last: CoresError | None = None
         for attempt in range(MAX_ATTEMPTS):
             source, dataset, record = self.mixture.pick(index, attempt)
-            self.transform.rng = random.Random(f"answers:{self.seed}:{index}:{attempt}")
-            if getattr(self.transform, "sampler", None) is not None:
-                self.transform.sampler.rng = random.Random(f"exemplars:{self.seed}:{index}:{attempt}")
+            self.transform.reseed(answers=f"answers:{self.seed}:{index}:{attempt}", exemplars=f"exemplars:{self.seed}:{index}:{attempt}")
             try:
                 encoded = self.transform(record)
             except CoresError as exc:

@@ -1,4 +1,4 @@
-"""Conversation building and encoding (DESIGN §4): the LLaVA v1 template, in-context
+"""Conversation building and encoding (docs/MODEL.md): the LLaVA v1 template, in-context
 exemplars, answers carrying the chain tokens, labels on answer tokens only, and truncation
 that never removes a chain token.
 
@@ -13,20 +13,25 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ChainConfig, PromptConfig
 from ..contexts import Exemplar
+from ..data.records import QueryStyle
 from ..errors import CoresError
-from .records import QueryStyle
+from ..ignore_values import IGNORE_INDEX
+from ..model.mllm import IMAGE_TOKEN
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from ..model.cores import CoresModel
+
 SHORT_QUESTION = "What is {query} in this image? Please output segmentation mask."
 LONG_QUESTION = "{query} Please output segmentation mask."
 
 # Answer phrasings per chain. Index 0 is the fixed phrasing of eval and predict; training
-# samples among all (DESIGN §1.2). The depth-2/3 wording follows the exemplars' rendering.
+# samples among all (docs/ARCHITECTURE.md). The depth-2/3 wording follows the exemplars' rendering.
 ANSWER_TEMPLATES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("[SEG]",): (
         "Sure, it is [SEG].",
@@ -113,6 +118,12 @@ class ConversationEncoder:
     chain: ChainConfig
     image_token: str
     num_image_tokens: int
+
+    @classmethod
+    def for_model(cls, model: CoresModel) -> ConversationEncoder:
+        """The encoder of ``model``: its tokenizer, prompt and chain settings, and as many
+        image tokens as its vision tower gives."""
+        return cls(model.tokenizer, model.cfg.prompt, model.cfg.chain, IMAGE_TOKEN, model.num_image_tokens)
 
     @property
     def image_token_id(self) -> int:

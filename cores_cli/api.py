@@ -1,0 +1,158 @@
+"""The Python API: load a model once, then ask questions about images.
+
+    import cores_cli
+
+    model = cores_cli.load()  # the tiny model shipped with cores; or a checkpoint dir / Hub id
+    result = model.predict("photo.jpg", "what gives dogs their sense of smell?")
+    result.mask          # bool (H, W) at the image's size, EXIF orientation applied
+    result.level_masks   # one mask per chain level ([LOC], ..., [SEG]); the last is result.mask
+    result.answer        # the answer text
+    result.record        # the record `cores predict --json` prints (no "outputs": nothing written)
+
+An image is a path, a PIL image or a uint8 (H, W, 3) RGB array. Everything goes through the same
+:class:`~cores_cli.engine.predictor.Predictor` as ``cores predict`` and ``cores eval``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Union
+
+import numpy as np
+
+from .errors import CoresError
+from .images import DEFAULT_MAX_PIXELS, LoadedImage, as_image
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .engine.predictor import Prediction, Predictor
+    from .model.cores import CoresModel
+
+ImageLike = Union[str, Path, "Image.Image", np.ndarray]
+Style = Literal["auto", "sentence", "phrase"]
+Mode = Literal["teacher", "generate"]
+
+
+@dataclass
+class Result:
+    """One question's answer about one image."""
+
+    mask: np.ndarray
+    """bool (H, W) at the image's (upright) size: the final level."""
+    level_masks: list[np.ndarray]
+    """One bool (H, W) mask per chain level, outermost first."""
+    level_tokens: list[str]
+    """The chain token behind each level (``[LOC]``, ``[POS]``, ``[SEG]``)."""
+    answer: str
+    question: str
+    """The question as the model was asked it (a phrase is wrapped in the template)."""
+    record: dict
+    """What ``cores predict --json`` prints for this item, ``outputs`` empty."""
+    prediction: Prediction
+
+
+class Segmenter:
+    """A loaded model and its prediction settings. Build one with :func:`cores_cli.load`."""
+
+    def __init__(self, predictor: Predictor, source: str, model_info: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.predictor = predictor
+        self.source = source
+        """Where the weights came from: a directory, ``embedded:tiny-synthetic``, or a preset."""
+        self.model_info = model_info
+        self.max_pixels = max_pixels
+
+    @property
+    def model(self) -> CoresModel:
+        return self.predictor.model
+
+    def __repr__(self) -> str:
+        cfg = self.model.cfg
+        return f"Segmenter(source={self.source!r}, preset={cfg.preset!r}, chain={list(cfg.chain.tokens)}, device={self.predictor.param.device})"
+
+    def predict(self, image: ImageLike, query: str, *, style: Style = "auto", mode: Mode = "teacher") -> Result:
+        """The mask of what ``query`` refers to in ``image``.
+
+        ``style``: ``phrase`` wraps the query as "What is X in this image?", ``sentence`` uses it
+        as written, ``auto`` decides by its form. ``mode="generate"`` lets the model write its
+        answer (the template is used when that answer holds no chain).
+        """
+        return self.predict_batch([(image, query)], style=style, mode=mode)[0]
+
+    def predict_batch(
+        self,
+        items: Iterable[tuple[ImageLike, str]],
+        *,
+        style: Style = "auto",
+        mode: Mode = "teacher",
+        batch_size: int = 8,
+    ) -> list[Result]:
+        """:meth:`predict` for many (image, query) pairs, ``batch_size`` of them per forward
+        pass (teacher-forced mode); the results in the same order. Every image is read and
+        every query checked before the model runs, so a bad item fails the call early."""
+        if batch_size < 1:
+            raise CoresError(f"batch_size must be at least 1, got {batch_size}")
+        prepared = [self._prepare(i, image, query) for i, (image, query) in enumerate(items)]
+        results: list[Result] = []
+        for start in range(0, len(prepared), batch_size):
+            chunk = prepared[start : start + batch_size]
+            results.extend(self._run(chunk, style, mode))
+        return results
+
+    def _prepare(self, index: int, image: ImageLike, query: str) -> tuple[int, LoadedImage, str]:
+        from .engine.predictor import reserved_token_in
+
+        if not isinstance(query, str) or not query.strip():
+            raise CoresError(f"item {index}: the query is empty")
+        token = reserved_token_in(query, self.predictor.reserved_tokens())
+        if token is not None:
+            raise CoresError(f"item {index}: the query contains {token}, a token the model reserves for itself; rephrase it without {token}")
+        return index, as_image(image, self.max_pixels), query
+
+    def _run(self, chunk: Sequence[tuple[int, LoadedImage, str]], style: Style, mode: Mode) -> list[Result]:
+        from .engine.batch_predict import prediction_record
+        from .engine.predictor import Query
+
+        predictions = self.predictor.predict_images([(img.pixels, [Query(query, style, f"item {i}")]) for i, img, query in chunk], mode)
+        out = []
+        for (index, img, query), (pred,) in zip(chunk, predictions):
+            # an in-memory image has no name: the item's place in the call stands for it
+            item_id = Path(img.path).stem if img.path[:1] != "<" else f"item-{index}"
+            record = prediction_record(item_id, img.path, query, img, pred, {}, self.model_info)
+            out.append(Result(pred.mask, pred.level_masks, pred.level_tokens, pred.answer, pred.question, record, pred))
+        return out
+
+
+def load(
+    checkpoint: str | Path | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+    context_library: str | Path | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Segmenter:
+    """Load a model for prediction.
+
+    ``checkpoint``: None for the tiny model shipped with cores (trained on the synthetic
+    benchmark), a cores checkpoint directory (``cores train`` / ``cores export`` writes them), or
+    a Hugging Face Hub id ``org/name[@revision]`` holding one. ``preset`` instead builds a preset
+    with random weights (smoke tests only). ``device``: ``auto`` (the first GPU, else the CPU),
+    ``cpu``, ``cuda``, ``cuda:N``; ``dtype``: ``auto`` (bf16 on a GPU, fp32 on the CPU), ``fp32``,
+    ``bf16``, ``fp16``. ``overrides``: model settings as on the command line
+    (``["prompt.in_context_k=0"]``). ``seed`` fixes the in-context exemplar draw.
+    """
+    from .engine.loading import load_predictor
+
+    predictor, loaded, model_info = load_predictor(checkpoint, preset, list(overrides), device, dtype, context_library, seed, max_new_tokens)
+    if loaded.random_weights:
+        warnings.warn(f"{loaded.source}: masks are meaningless; pass a checkpoint for real predictions", stacklevel=2)
+    if loaded.report is not None and loaded.report.unexpected:
+        warnings.warn(f"checkpoint has tensors the model does not use: {loaded.report.summary()}", stacklevel=2)
+    return Segmenter(predictor, loaded.source, model_info, max_pixels)
