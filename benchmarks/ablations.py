@@ -80,7 +80,7 @@ def run_one(out: Path, name: str, seed: int, args: argparse.Namespace, threads: 
         f"data.val.options={{n: {args.val_n}}}",
         *CONFIGS[name],
     ]
-    cmd = cores("train", "--gpus", "0", "--config", "tiny-synthetic", *[x for o in overrides for x in ("--set", o)])
+    cmd = cores("train", "--gpus", "0", "--recipe", "tiny-synthetic", *[x for o in overrides for x in ("--set", o)])
     if (run_dir / "checkpoints" / "latest").is_file():
         cmd.append("--resume")
     elif run_dir.exists():  # killed before its only checkpoint: start this run again

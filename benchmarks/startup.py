@@ -45,7 +45,7 @@ def import_profile(top: int = 8) -> tuple[float, list[tuple[str, float]], list[s
     total = next(seconds for name, seconds in rows if name == "cores_cli.cli.app")
     # what cores_cli.cli.app imports directly: one level of indentation below it
     top_level = [(name.strip(), s) for name, s in rows if name.startswith("  ") and not name.startswith("   ")]
-    heavy = sorted({name.split(".")[0] for name, _ in rows if name.strip().split(".")[0] in HEAVY})
+    heavy = sorted({name.strip().split(".")[0] for name, _ in rows} & set(HEAVY))
     return total, sorted(top_level, key=lambda r: -r[1])[:top], heavy
 
 

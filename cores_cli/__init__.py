@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from .api import Result, Segmenter, load
 
 
+def __dir__() -> list[str]:
+    # tab completion in a notebook lists the API before it is loaded
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name: str):
     # the API (and torch behind it) loads on first use, so `cores --help` stays fast
     if name in ("load", "Result", "Segmenter"):

@@ -38,34 +38,36 @@ class LoadedImage:
         return self.pixels.shape[0], self.pixels.shape[1]
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    p = Path(path)
-    if not p.exists():
-        raise InputImageError(f"image not found: {p}")
-    if not p.is_file():
-        raise InputImageError(f"not a file: {p}")
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, limit_hint: str = "raise it with --max-pixels") -> LoadedImage:
+    p = _require_file(path)
     with _pil_limit_lock:
         # Our own limit replaces PIL's decompression-bomb check (which warns at 89 MP and
         # fails at 179 MP, whatever the user asked for).
         previous = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            return _read(p, max_pixels)
+            return _read(p, max_pixels, limit_hint)
         finally:
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def _read(p: Path, max_pixels: int) -> LoadedImage:
+def _require_file(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputImageError(f"image not found: {p}")
+    if not p.is_file():
+        raise InputImageError(f"not a file: {p}")
+    return p
+
+
+def _read(p: Path, max_pixels: int, limit_hint: str) -> LoadedImage:
     try:
         with Image.open(p) as img:
             w, h = img.size
             if w * h > max_pixels:
                 size, limit = _pixel_counts(w * h, max_pixels)
-                raise InputImageError(f"image {p} is {w}×{h} ({size}), above the limit of {limit} (raise it with --max-pixels)")
-            sixteen_bit = _stored_with_16_bit_channels(img)  # read before load() drops the tile list
+                raise InputImageError(f"image {p} is {w}×{h} ({size}), above the limit of {limit} ({limit_hint})")
             pixels, converted, rotated = _upright_rgb(img)
-            if sixteen_bit and not (converted or "").startswith("I"):  # "I;16" says it already
-                converted = f"{converted or 'RGB'};16"  # no conversion: it was RGB
     except InputImageError:
         raise
     except UnidentifiedImageError:
@@ -75,41 +77,63 @@ def _read(p: Path, max_pixels: int) -> LoadedImage:
     return LoadedImage(str(p), pixels, converted, rotated)
 
 
+_API_LIMIT_HINT = "raise it with max_pixels="
+
+
+def check_image(image: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Raise what :func:`as_image` would for ``image``'s kind, shape and size, without decoding
+    it (a path only has to be a file: its header is read when it is loaded)."""
+    if isinstance(image, (str, Path)):
+        if not str(image):
+            raise InputImageError("the image path is empty")
+        _require_file(image)
+        return
+    if isinstance(image, Image.Image):
+        w, h = image.size
+        what = "the PIL image"
+    elif isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputImageError(f"an image array must be uint8 of shape (H, W, 3) in RGB order, got {image.dtype} {tuple(image.shape)}")
+        h, w = image.shape[:2]
+        what = "the image array"
+    else:
+        raise InputImageError(f"an image is a path, a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
+    if w < 1 or h < 1:
+        raise InputImageError(f"{what} is empty: {w}×{h}")
+    if w * h > max_pixels:
+        size, limit = _pixel_counts(w * h, max_pixels)
+        raise InputImageError(f"{what} is {w}×{h} ({size}), above the limit of {limit} ({_API_LIMIT_HINT})")
+
+
 def as_image(image: str | Path | Image.Image | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """A path (read as :func:`load_image` reads it), a PIL image (EXIF orientation applied, mode
     converted, as for a file) or a uint8 (H, W, 3) RGB array (used as it is)."""
+    check_image(image, max_pixels)
     if isinstance(image, (str, Path)):
-        return load_image(image, max_pixels)
-    if isinstance(image, Image.Image):
-        w, h = image.size
-        if w * h > max_pixels:
-            size, limit = _pixel_counts(w * h, max_pixels)
-            raise InputImageError(f"the image is {w}×{h} ({size}), above the limit of {limit}")
-        try:
-            pixels, converted, rotated = _upright_rgb(image)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise InputImageError(f"cannot read the PIL image: {str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated data'}") from None
-        return LoadedImage("<PIL image>", pixels, converted, rotated)
+        return load_image(image, max_pixels, _API_LIMIT_HINT)
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise InputImageError(f"an image array must be uint8 of shape (H, W, 3) in RGB order, got {image.dtype} {tuple(image.shape)}")
-        if image.shape[0] < 1 or image.shape[1] < 1:
-            raise InputImageError(f"the image array is empty: shape {tuple(image.shape)}")
-        if image.shape[0] * image.shape[1] > max_pixels:
-            size, limit = _pixel_counts(image.shape[0] * image.shape[1], max_pixels)
-            raise InputImageError(f"the image array is {image.shape[1]}×{image.shape[0]} ({size}), above the limit of {limit}")
         return LoadedImage("<array>", np.array(image, copy=True, order="C"), None, False)  # the caller keeps theirs
-    raise InputImageError(f"an image is a path, a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
+    try:
+        pixels, converted, rotated = _upright_rgb(image)
+    except (OSError, SyntaxError, ValueError, AssertionError) as exc:
+        # PIL asserts on an image whose file was closed before it was loaded
+        detail = str(exc).splitlines()[0] if str(exc) else "its file was closed before it was read, or the data is truncated"
+        raise InputImageError(f"cannot read the PIL image: {detail}") from None
+    return LoadedImage("<PIL image>", pixels, converted, rotated)
 
 
 def _upright_rgb(img: Image.Image) -> tuple[np.ndarray, str | None, bool]:
-    """Decoded, EXIF orientation applied, made 8-bit RGB: (pixels, source mode or None, rotated)."""
+    """Decoded, EXIF orientation applied, made 8-bit RGB: (pixels, source mode or None, rotated).
+    The source mode ends in ``;16`` when the file held 16 bits per channel that PIL shows as 8."""
+    sixteen_bit = _stored_with_16_bit_channels(img)  # read before load() drops the tile list
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img.load()
         upright = ImageOps.exif_transpose(img)
     rotated = upright.size != img.size or _orientation(img) not in (None, 1)
     pixels, converted = to_rgb8(upright)
+    if sixteen_bit and not (converted or "").startswith("I"):  # "I;16" says it already
+        converted = f"{converted or 'RGB'};16"  # no conversion: it was RGB
     return pixels, converted, rotated
 
 

@@ -22,11 +22,16 @@ def resolve_device(name: str = "auto", *, setting: str = "device", hint: str = "
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        device = torch.device(name) if isinstance(name, str) else None
     except RuntimeError:
-        raise CoresError(f"unknown {setting} {name!r}; use auto, cpu, cuda or cuda:N") from None
+        device = None
+    # other device types (mps, xpu, meta...) are not ones cores is built and tested for
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise CoresError(f"unknown {setting} {name!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CoresError(f"{setting} {name!r} asked for, but no CUDA GPU is visible" + (f"; {hint}" if hint else ""))
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CoresError(f"{setting} {name!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -36,5 +41,5 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         return DTYPES[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise CoresError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16") from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .ignore_values import IGNORE
+
 FINAL_COLOUR = (0, 220, 90)
 LEVEL_COLOURS = [(30, 144, 255), (255, 170, 0), (220, 60, 220)]
 
@@ -69,7 +71,7 @@ def comparison(pixels: np.ndarray, pred: np.ndarray, target: np.ndarray, caption
     """The prediction filled (green), the ground truth outlined (red), ignore pixels (255)
     greyed, and a caption: for looking at what went wrong on a sample."""
     out = pixels.copy()
-    ignore = target == 255
+    ignore = target == IGNORE
     out[ignore] = (out[ignore] * 0.4 + 80).astype(np.uint8)
     out = overlay(out, [pred.astype(bool)], ["prediction"])
     h, w = out.shape[:2]

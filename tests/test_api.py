@@ -79,27 +79,106 @@ def test_predict_batch_keeps_order_and_matches_one_at_a_time(model):
 @pytest.mark.parametrize(
     ("image", "query", "message"),
     [
-        (np.zeros((8, 8), np.uint8), "q", r"uint8 of shape \(H, W, 3\).*\(8, 8\)"),
+        (np.zeros((8, 8), np.uint8), "q", r"^an image array must be uint8 of shape \(H, W, 3\).*\(8, 8\)"),
         (np.zeros((8, 8, 3), np.float32), "q", r"uint8 of shape \(H, W, 3\).*float32"),
-        (np.zeros((0, 8, 3), np.uint8), "q", r"empty"),
+        (np.zeros((0, 8, 3), np.uint8), "q", r"the image array is empty"),
+        (Image.new("RGB", (0, 5)), "q", r"the PIL image is empty: 0×5"),
+        (np.zeros((40, 40, 3), np.uint8), "q", r"above the limit of 1,000 pixels \(raise it with max_pixels=\)"),
         (42, "q", r"a path, a PIL image or a uint8 .*got int"),
         ("no/such/image.png", "q", r"image not found: no/such/image\.png"),
-        (None, "   ", r"item 0: the query is empty"),
-        (None, "where is [SEG] here?", r"item 0: the query contains \[SEG\]"),
+        ("", "q", r"the image path is empty"),
+        (None, "   ", r"^the query is empty"),
+        (None, 5, r"the query must be a string, got int"),
+        (None, "where is [SEG] here?", r"the query contains \[SEG\]"),
     ],
 )
-def test_bad_input_is_one_clear_error(model, image, query, message):
+def test_bad_input_is_one_clear_error(model, image, query, message, monkeypatch):
+    monkeypatch.setattr(model, "max_pixels", 1000)
     image = cores_cli.example_image() if image is None else image
     with pytest.raises(CoresError, match=message):
         model.predict(image, query)
 
 
+def test_a_pil_image_whose_file_was_closed_is_a_clear_error(model):
+    with Image.open(cores_cli.example_image()) as closed:
+        pass
+    with pytest.raises(CoresError, match="cannot read the PIL image"):
+        model.predict(closed, "the wheel")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: m.predict(cores_cli.example_image(), "q", style="bogus"), r"style must be one of auto, sentence, phrase; got 'bogus'"),
+        (lambda m: m.predict(cores_cli.example_image(), "q", mode="fast"), r"mode must be one of teacher, generate; got 'fast'"),
+        (lambda m: m.predict_batch([(cores_cli.example_image(), "q")], batch_size="2"), r"batch_size must be a whole number of at least 1, got '2'"),
+        (lambda m: m.predict_batch([(cores_cli.example_image(), "q")], batch_size=0), r"batch_size must be a whole number"),
+        (lambda m: m.predict_batch((cores_cli.example_image(), "q")), r"a list of \(image, query\) pairs; for one pair use predict"),
+        (lambda m: m.predict_batch([(cores_cli.example_image(), "q", 1)]), r"item 0: expected an \(image, query\) pair, got tuple of 3"),
+        (lambda m: m.predict_batch(["ab"]), r"item 0: expected an \(image, query\) pair, got str"),
+        (lambda m: m.predict_batch([(cores_cli.example_image(), "q"), (np.zeros((8, 8), np.uint8), "q")]), r"item 1: an image array must be uint8"),
+        (lambda m: m.predict_batch([(cores_cli.example_image(), "q"), (cores_cli.example_image(), "")]), r"item 1: the query is empty"),
+    ],
+)
+def test_bad_arguments_are_named(model, call, message):
+    with pytest.raises(CoresError, match=message):
+        call(model)
+
+
 def test_a_bad_item_fails_the_batch_before_the_model_runs(model, monkeypatch):
     calls = []
     monkeypatch.setattr(model.predictor, "predict_images", lambda *a, **k: calls.append(a))
-    with pytest.raises(CoresError, match="item 1: the query is empty"):
-        model.predict_batch([(cores_cli.example_image(), "the wheel"), (cores_cli.example_image(), "")])
+    with pytest.raises(CoresError, match="item 2: image not found"):
+        model.predict_batch([(cores_cli.example_image(), "the wheel"), (cores_cli.example_image(), "a"), ("gone.png", "b")])
     assert calls == []
+
+
+def test_images_are_decoded_a_batch_at_a_time(model, monkeypatch):
+    import cores_cli.api as api
+
+    events = []
+    decode, run = api.as_image, model.predictor.predict_images
+    monkeypatch.setattr(api, "as_image", lambda image, *a: events.append("decode") or decode(image, *a))
+    monkeypatch.setattr(model.predictor, "predict_images", lambda items, *a, **k: events.append(f"run {len(items)}") or run(items, *a, **k))
+    model.predict_batch([(cores_cli.example_image(), "the wheel")] * 3, batch_size=2)
+    assert events == ["decode", "decode", "run 2", "decode", "run 1"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "mps"}, r"unknown device 'mps'; use auto, cpu, cuda or cuda:N"),
+        ({"device": "meta"}, r"unknown device 'meta'"),
+        ({"device": None}, r"unknown device None"),
+        ({"device": "cuda:99"}, r"device 'cuda:99' asked for, but"),
+        ({"dtype": "int8"}, r"unknown dtype 'int8'"),
+        ({"checkpoint": "x", "preset": "tiny"}, r"give either checkpoint or preset, not both"),
+        ({"checkpoint": "  "}, r"checkpoint is an empty string"),
+        ({"overrides": "prompt.in_context_k=0"}, r"overrides is a list of 'key=value' strings"),
+        ({"max_pixels": "5"}, r"max_pixels must be a whole number of at least 1, got '5'"),
+        ({"max_new_tokens": 0}, r"max_new_tokens must be a whole number of at least 1, got 0"),
+    ],
+)
+def test_load_refuses_bad_arguments_in_one_line(kwargs, message):
+    with pytest.raises(CoresError, match=message):
+        cores_cli.load(**kwargs)
+
+
+def test_a_preset_build_leaves_the_callers_random_state_alone():
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with pytest.warns(UserWarning, match="random weights"):
+        cores_cli.load(preset="tiny", device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tab_completion_lists_the_api_before_it_is_loaded():
+    code = "import sys, cores_cli; print(sorted({'load', 'Segmenter', 'Result'} & set(dir(cores_cli))), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "['Result', 'Segmenter', 'load'] False"
 
 
 def test_load_reads_a_checkpoint_from_an_offline_hub_cache(tmp_path, monkeypatch):

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from conftest import REPO
 
+ABOVE_THE_LEAVES = {"model", "data", "processing", "engine", "builders", "cli", "api"}
+LEAVES = ("config", "configio", "contexts", "metrics", "images", "fileio", "runtime", "ignore_values", "bundled", "errors", "visualize")
+
 # layer (a folder of cores_cli, or a top-level module) -> the layers it must never import
 FORBIDDEN = {
     "model": {"data", "processing", "engine", "builders", "cli", "api"},
@@ -18,6 +21,9 @@ FORBIDDEN = {
     "processing": {"engine", "builders", "cli", "api"},
     "engine": {"builders", "cli", "api"},
     "builders": {"model", "processing", "engine", "cli", "api"},
+    "api": {"builders", "cli"},
+    # the shared leaves are imported by every layer and import none of them
+    **{leaf: ABOVE_THE_LEAVES for leaf in LEAVES},
 }
 ONLY_FROM_CLI = "cli"
 
@@ -67,15 +73,21 @@ def test_the_check_reports_imports_that_cross_the_wrong_way(tmp_path):
         "data/planted.py": "def f():\n    from cores_cli.model import sam\n",
         "engine/planted.py": "from ..cli.common import fail\nfrom ..model.cores import CoresModel\n",
         "processing/planted.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .. import engine\n",
+        "images.py": "from .engine.predictor import Predictor\n",
+        "api.py": "from .builders import reasonpart\n",
     }
     for name, text in planted.items():
         (tmp_path / "cores_cli" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "cores_cli" / name).write_text(text)
     assert violations(tmp_path) == [
+        "cores_cli/api.py imports cores_cli.builders",
+        "cores_cli/api.py imports cores_cli.builders.reasonpart",
         "cores_cli/data/planted.py imports cores_cli.model",
         "cores_cli/data/planted.py imports cores_cli.model.sam",
         "cores_cli/engine/planted.py imports cores_cli.cli.common",
         "cores_cli/engine/planted.py imports cores_cli.cli.common.fail",
+        "cores_cli/images.py imports cores_cli.engine.predictor",
+        "cores_cli/images.py imports cores_cli.engine.predictor.Predictor",
         "cores_cli/model/planted.py imports cores_cli.data.records",
         "cores_cli/model/planted.py imports cores_cli.data.records.SegSample",
         "cores_cli/processing/planted.py imports cores_cli.engine",

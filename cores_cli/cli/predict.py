@@ -36,7 +36,7 @@ class StyleChoice(str, Enum):
 def predict(
     image: str = typer.Argument(None, help="An image, a folder of images, a quoted glob like 'photos/*.jpg', or - to read JSONL lines {\"image\": ..., \"query\": ..., \"id\": ...} from stdin."),
     query: str = typer.Argument(None, help="The question or description, e.g. \"what gives dogs their sense of smell?\". With stdin JSONL it is the default for lines without a query."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory (see `cores train`), or a Hugging Face Hub id org/name[@revision] holding one; default: the tiny model shipped with cores, trained on the synthetic benchmark."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory (see `cores train`), or a Hugging Face Hub id (org/name or org/name@revision) holding one; default: the tiny model shipped with cores, trained on the synthetic benchmark."),
     preset: str = typer.Option(None, "--preset", help="Build a preset with RANDOM weights instead (tiny, llava-1.5-7b, llava-1.5-13b): for smoke runs only."),
     set_: list[str] = typer.Option([], "--set", help="Override a model setting, e.g. --set prompt.in_context_k=0 (repeatable)."),
     out: Path = typer.Option(Path("cores_out"), "--out", "-o", help="Folder for NAME.mask.png, NAME.overlay.png and NAME.json. NAME: the image's path under the folder or glob given, without suffix, folders joined by __ (a/photo.jpg -> a__photo); for stdin the id, else the stem. A name two items would share gets a short hash (photo-1a2b3c4d) on the later one. Only files cores predict wrote are replaced; any other file at an output name makes that item fail."),

@@ -97,8 +97,9 @@ def load_for_inference(
         loaded = LoadedModel(model, source, False, report)
     else:
         cfg = load_model_config(preset, None, overrides)
-        torch.manual_seed(seed)
-        loaded = LoadedModel(build_model(cfg), f"preset:{preset} (random weights)", True, None)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+            torch.manual_seed(seed)
+            loaded = LoadedModel(build_model(cfg), f"preset:{preset} (random weights)", True, None)
     loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
 

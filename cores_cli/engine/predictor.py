@@ -144,7 +144,7 @@ class Predictor:
         t0 = time.perf_counter()
         images = [self.transform.image(pixels) for pixels, _ in items]
         if mode == "generate":
-            return [[self._generated(image, q, t0, final_only) for q in queries] for image, (_, queries) in zip(images, items)]
+            return [[self._generated(image, q, final_only) for q in queries] for image, (_, queries) in zip(images, items)]
         rows = []
         for i, (image, (_, queries)) in enumerate(zip(images, items)):
             shared = f"image-{i}" if len(queries) > 1 else ""
@@ -191,9 +191,10 @@ class Predictor:
             for row, row_masks in zip(rows, masks)
         ]
 
-    def _generated(self, image: ImageInputs, query: Query, t0: float, final_only: bool) -> Prediction:
+    def _generated(self, image: ImageInputs, query: Query, final_only: bool) -> Prediction:
         """Let the LLM answer, then run its answer teacher-forced; the template when the answer
-        holds no usable chain."""
+        holds no usable chain. ``preprocess_s`` includes the generation."""
+        t0 = time.perf_counter()
         prompt = self._encode(image, query, generate=True)
         batch = collate([prompt], self.model.tokenizer.pad_token_id, padding_side="left").to(self.param.device, self.param.dtype)
         new_ids = self.model.generate_answers(batch, self.max_new_tokens)[0]

@@ -1,1 +1,1 @@
-"""Training recipes shipped with cores: ``cores train --config NAME`` (see docs/TRAINING.md)."""
+"""Training recipes shipped with cores: ``cores train --recipe NAME`` (see docs/TRAINING.md)."""
