@@ -204,4 +204,6 @@ def test_the_launcher_returns_the_status_the_main_process_left(monkeypatch):
     assert run_launched([sys.executable, "-c", leaves_3]) == 3  # reported by the worker, which exited 0
     assert run_launched([sys.executable, "-c", "import sys; sys.exit(4)"]) == 4
     assert run_launched([sys.executable, "-c", "pass"]) == 0
+    # a launcher killed by a signal: what a shell would say (128 + 9)
+    assert run_launched([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]) == 137
     assert not leave_status(1)  # not started by run_launched: nothing to leave

@@ -532,3 +532,22 @@ def test_polygon_conversion_is_exact_on_real_coco_masks(realdata):
         drawn = rasterize_shapes(shapes, *m.shape)
         assert ((drawn == 1) == (m == 1)).all()
     assert with_holes >= 1
+
+
+def test_the_library_takes_the_choices_values_and_names_a_wrong_one(tmp_path):
+    """A library caller may pass "symlink" or ImageMode.symlink; a value outside the choices is
+    a CoresError naming the option, as on the command line."""
+    from cores_cli.builders.reasonpart import ImageMode, QuestionMode, ReasonPartOptions, place_image
+    from cores_cli.errors import CoresError
+
+    src = tmp_path / "a.jpg"
+    src.write_bytes(b"jpeg")
+    place_image(src, tmp_path / "by_value.jpg", "symlink")
+    place_image(src, tmp_path / "by_member.jpg", ImageMode.hardlink)
+    assert (tmp_path / "by_value.jpg").is_symlink() and os.path.samefile(tmp_path / "by_member.jpg", src)
+    with pytest.raises(CoresError, match=r"unknown --image-mode 'bogus'; choose symlink, hardlink or copy"):
+        place_image(src, tmp_path / "c.jpg", "bogus")
+    options = ReasonPartOptions(source="pascalpart", ann=src, images=tmp_path, out=tmp_path / "out", questions="template")
+    assert options.questions is QuestionMode.template
+    with pytest.raises(CoresError, match=r"unknown --questions 'nope'; choose chat or template"):
+        ReasonPartOptions(source="pascalpart", ann=src, images=tmp_path, out=tmp_path / "out", questions="nope")

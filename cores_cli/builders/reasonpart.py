@@ -86,7 +86,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -118,6 +118,19 @@ MAX_QUESTION_CHARS = 320
 
 # The fixed choices of make-reasonpart's options. The command line hands the library these
 # members (Typer checks the value once, there); a library caller may give the values instead.
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def choice(kind: type[E], value: object, option: str) -> E:
+    """``value`` as a member of ``kind`` (a member stays as it is, its value becomes it), or a
+    CoresError naming the option and its choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        names = [m.value for m in kind]
+        raise CoresError(f"unknown {option} {value!r}; choose {', '.join(names[:-1])} or {names[-1]}") from None
 
 
 class PartDataset(str, Enum):
@@ -293,10 +306,10 @@ class ReasonPartOptions(ChatSettings):
 
     def __post_init__(self) -> None:
         # members from the command line stay as they are; values ("template") become members
-        self.source = PartDataset(self.source)
-        self.questions = QuestionMode(self.questions)
-        self.image_mode = ImageMode(self.image_mode)
-        self.holes = HoleMode(self.holes)
+        self.source = choice(PartDataset, self.source, "--source")
+        self.questions = choice(QuestionMode, self.questions, "--questions")
+        self.image_mode = choice(ImageMode, self.image_mode, "--image-mode")
+        self.holes = choice(HoleMode, self.holes, "--holes")
 
 
 @dataclass
@@ -402,6 +415,7 @@ def image_suffix(path: Path) -> str:
 def place_image(src: Path, dest: Path, mode: ImageMode) -> None:
     """Put ``src`` at ``dest`` (replacing it atomically): a symlink to its absolute path, a hard
     link, or a copy."""
+    mode = choice(ImageMode, mode, "--image-mode")
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()

@@ -6,7 +6,6 @@ record's rounds into samples of at most ``k`` rounds.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +14,6 @@ from typing import Any, TypeVar
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import CoresError
-
-log = logging.getLogger("cores.data")
 
 T = TypeVar("T")
 
@@ -90,13 +87,12 @@ def missing_images_error(missing: Sequence[Path], total: int, what: str, hint: s
     return CoresError(f"{what}: {len(missing)} of {total} images are missing, the first is {missing[0]} ({hint})")
 
 
-def check_missing_images(missing: Sequence[Path], total: int, what: str, left_out: str, skip_missing: bool, hint: str | None = None) -> None:
-    """Refuse a dataset with missing images (:func:`missing_images_error`), or with
-    ``skip_missing`` log how many ``left_out`` items (e.g. "annotation(s) without an image") were."""
+def check_missing_images(missing: Sequence[Path], total: int, what: str, skip_missing: bool, hint: str | None = None) -> bool:
+    """Refuse a dataset with missing images (:func:`missing_images_error`); with ``skip_missing``
+    True when some were left out (the reader says how many, in its own words)."""
     if missing and not skip_missing:
         raise missing_images_error(missing, total, what, *([hint] if hint else []))
-    if missing:
-        log.warning("%s: left out %d %s", what, len(missing), left_out)
+    return bool(missing)
 
 
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}

@@ -382,5 +382,6 @@ def read_coco_parts(
         if warnings:
             meta["warnings"] = warnings
         samples.extend(records_of_image(f"{name}/{image_id}", str(path), groups, source.dataset, meta))
-    check_missing_images(missing, len(by_image), name, "image(s) that are missing", skip_missing, missing_hint)
+    if check_missing_images(missing, len(by_image), name, skip_missing, missing_hint):
+        log.warning("%s: left out %d image(s) that are missing", name, len(missing))
     return samples

@@ -164,7 +164,8 @@ def read_split_dir(
             continue
         groups = chunk(rounds, rounds_per_sample)
         samples.extend(records_of_image(f"{dataset}/{directory.name}/{jp.stem}", str(image), groups, dataset, meta))
-    check_missing_images(missing, len(jsons), f"{dataset} ({directory})", "annotation(s) without an image", skip_missing)
+    if check_missing_images(missing, len(jsons), f"{dataset} ({directory})", skip_missing):
+        log.warning("%s: left out %d annotation(s) without an image in %s", dataset, len(missing), directory)
     return samples
 
 

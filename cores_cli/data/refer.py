@@ -202,7 +202,8 @@ def load_refer(
         if warnings:
             meta["warnings"] = warnings
         samples.extend(records_of_image(f"{name}/{image_id}", str(image_path), groups, dataset, meta))
-    check_missing_images(missing, len(by_image), f"{name} ({image_dir})", "image(s) that are missing", skip_missing)
+    if check_missing_images(missing, len(by_image), f"{name} ({image_dir})", skip_missing):
+        log.warning("%s: left out %d image(s) missing from %s", name, len(missing), image_dir)
     if dropped:
         log.warning("%s: %d image(s) left out, see the warnings above", name, dropped)
     return samples

@@ -316,7 +316,8 @@ def load_semantic(
             random.Random(f"{shuffle_seed}:{label.stem}").shuffle(rounds)
         groups = chunk(rounds, rounds_per_sample)
         samples.extend(records_of_image(f"{dataset}:{split}/{label.stem}", str(image), groups, dataset, {"label_map": str(label)}))
-    check_missing_images(missing, len(index), f"{dataset}:{split} ({source.image_dir})", "label map(s) without an image", skip_missing)
+    if check_missing_images(missing, len(index), f"{dataset}:{split} ({source.image_dir})", skip_missing):
+        log.warning("%s:%s: left out %d label map(s) without an image", dataset, split, len(missing))
     if empty:
         log.info("%s:%s: %d label map(s) with no class left out", dataset, split, empty)
     return samples

@@ -143,15 +143,17 @@ def launch_command(spec: LaunchSpec, python: str | None = None) -> list[str]:
 
 
 def run_launched(argv: list[str]) -> int:
-    """Run a :func:`launch_command` line and wait for it; its exit status (1 for a launcher
-    killed by a signal), or, when it exited 0, the status its main process left with
-    :func:`leave_status`."""
+    """Run a :func:`launch_command` line and wait for it; its exit status (128 + N for a
+    launcher killed by signal N, as a shell reports it), or, when it exited 0, the status its
+    main process left with :func:`leave_status`."""
     with tempfile.TemporaryDirectory(prefix="cores-launch-") as tmp:
         status = Path(tmp) / "status"
         code = subprocess.call(argv, env={**os.environ, STATUS_FILE_ENV: str(status)})
         if code == 0 and status.is_file():
             code = int(status.read_text(encoding="utf-8").strip() or "1")
-    return code if 0 <= code < 256 else 1
+    if code < 0:
+        return 128 - code
+    return code if code < 256 else 1
 
 
 def leave_status(code: int) -> bool:
