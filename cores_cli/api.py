@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal, Union
 
 import numpy as np
 
+from .bundled import EMBEDDED_SOURCE, is_synthetic_scene_size, synthetic_only_warning
 from .errors import CoresError
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, as_image, check_image
 
@@ -66,6 +67,7 @@ class Segmenter:
         """Where the weights came from: a directory, ``embedded:tiny-synthetic``, or a preset."""
         self.model_info = model_info
         self.max_pixels = max_pixels
+        self._cautioned = source != EMBEDDED_SOURCE  # only the shipped model needs the caution
 
     @property
     def model(self) -> CoresModel:
@@ -151,6 +153,9 @@ class Segmenter:
         predictions = self.predictor.predict_images([(img.pixels, [Query(query, style, f"item {i}")]) for i, img, query in chunk], mode)
         out = []
         for (index, img, query), (pred,) in zip(chunk, predictions):
+            if not self._cautioned and not is_synthetic_scene_size(*img.size):
+                self._cautioned = True
+                warnings.warn(synthetic_only_warning(f"an image of {img.size[1]}×{img.size[0]}"), stacklevel=4)
             # an in-memory image has no name: the item's place in the call stands for it
             item_id = Path(img.path).stem if img.path[:1] != "<" else f"item-{index}"
             record = prediction_record(item_id, img.path, query, img, pred, {}, self.model_info)

@@ -198,8 +198,11 @@ def resolve_base_paths(cfg: ModelConfig, checkpoint_dir: Path) -> ModelConfig:
     return replace(cfg, mllm=mllm, sam=replace(cfg.sam, checkpoint=fix(cfg.sam.checkpoint)))
 
 
-def load_checkpoint(path: str | Path, overrides: ModelConfig | None = None, allow_missing: bool = False) -> tuple[CoresModel, CheckpointReport]:
-    """Build the model a checkpoint describes and load its weights (fp32, current device).
+def load_checkpoint(
+    path: str | Path, overrides: ModelConfig | None = None, allow_missing: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[CoresModel, CheckpointReport]:
+    """Build the model a checkpoint describes at ``dtype`` (position buffers fp32, see
+    ``model.precision``) on the current device, and load its weights into it.
 
     ``overrides`` replaces the stored config (e.g. with ``--set`` changes of base paths); it may
     differ from the stored one only in :data:`CHANGEABLE_ON_LOAD`. Relative base paths in the
@@ -215,7 +218,7 @@ def load_checkpoint(path: str | Path, overrides: ModelConfig | None = None, allo
         raise CheckpointError(f"checkpoint {p} has no tokenizer/tokenizer.json")
     tokenizer = read_tokenizer_dir(tok_dir)
     weights = _read_safetensors(p / "weights.safetensors")
-    model = build_model(cfg, load_base_weights=True, tokenizer=tokenizer)
+    model = build_model(cfg, load_base_weights=True, tokenizer=tokenizer, dtype=dtype)
 
     expected = _stored_keys(model)
     state = model.state_dict()

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
+from ..bundled import EMBEDDED_SOURCE, synthetic_only_warning
 from ..data.records import ReaderWarning, warning_kind
 from ..data.registry import dataset_folders, load_samples, protocol
 from ..errors import CoresError
@@ -500,6 +501,9 @@ class EvalView(Protocol):
     def random_weights(self, source: str) -> None:
         """The model has random weights: the numbers only exercise the protocol."""
 
+    def caution(self, message: str) -> None:
+        """A one-line caution about the model (the shipped one on data it never learned)."""
+
     def evaluating(self, total: int, world: int) -> Callable[[int], None]:
         """Evaluation starts: ``total`` samples in this process (its share of ``world``);
         returns what to call with each batch's sample count."""
@@ -525,6 +529,7 @@ class NullEvalView:
 
     def warnings(self, summary: WarningSummary, strict: bool) -> None: pass
     def random_weights(self, source: str) -> None: pass
+    def caution(self, message: str) -> None: pass
     def evaluating(self, total: int, world: int) -> Callable[[int], None]: return _no_progress
     def evaluated(self) -> None: pass
     def results(self, req: EvalRequest, run: EvalRun, source: str) -> None: pass
@@ -588,6 +593,8 @@ def run_eval(req: EvalRequest, view: EvalView | None = None, *, command: Sequenc
         loaded = load_for_inference(req.checkpoint, req.preset, list(req.model_overrides), proc.device, resolve_dtype(req.dtype, proc.device), req.seed)
         if loaded.random_weights:
             view.random_weights(loaded.source)
+        if loaded.source == EMBEDDED_SOURCE and not req.dataset.startswith("synthetic:"):
+            view.caution(synthetic_only_warning(f"{req.dataset} (not the synthetic benchmark)"))
         try:
             run = compute_eval(req, loaded, samples, lambda total: view.evaluating(total, proc.world))
         finally:

@@ -32,6 +32,7 @@ from peft import PeftModel
 
 from ..errors import CoresError
 from ..fileio import atomic_directory
+from ..model.precision import cast_for_run
 from ..runtime import DTYPES
 from .checkpoint import FORMAT, load_checkpoint, read_checkpoint_config, resolve_base_paths, save_checkpoint
 from .train_state import run_dir_of
@@ -121,7 +122,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
         sam=dataclasses.replace(cfg.sam, checkpoint=None),
         train_extra=(),
     )
-    model.to(torch_dtype)
+    # merged in fp32 (exact), then stored at the asked dtype with position buffers kept in fp32
+    cast_for_run(model, torch_dtype)
     with atomic_directory(dest) as tmp:
         # first: save_checkpoint swaps its own complete directory in at ``tmp``
         save_checkpoint(model, tmp, extra={"exported_from": str(src.resolve()), "dtype": dtype})

@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..bundled import embedded_checkpoint
+from ..bundled import EMBEDDED_SOURCE, embedded_checkpoint
 from ..config import load_model_config
 from ..configio import apply_overrides
 from ..contexts import ExemplarSampler, load_library
 from ..errors import CoresError
 from ..model.builder import build_model
 from ..model.cores import CoresModel
+from ..model.precision import cast_for_run
 from .checkpoint import CheckpointReport, load_checkpoint, read_checkpoint_config
 
 if TYPE_CHECKING:
     from .predictor import Predictor
 
 
-EMBEDDED_SOURCE = "embedded:tiny-synthetic"
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
@@ -35,14 +35,38 @@ def looks_like_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.match(ref)) and ".." not in ref
 
 
+def is_training_run(path: Path) -> bool:
+    """A ``cores train`` output directory (``RUN/checkpoints/``) rather than a checkpoint itself."""
+    return path.is_dir() and (path / "checkpoints").is_dir() and not (path / "config.json").exists()
+
+
+def checkpoint_of_run(run: Path) -> Path:
+    """The checkpoint a training run directory stands for: ``checkpoints/best`` when validation
+    wrote one, else the newest complete step checkpoint (what ``latest`` names)."""
+    from .train_state import find_resume_checkpoint
+
+    root = run / "checkpoints"
+    best = root / "best"
+    # best/ is written atomically, so its config.json marks it complete.
+    if (best / "config.json").is_file():
+        return best
+    latest = find_resume_checkpoint(root)
+    if latest is None:
+        raise CoresError(f"{run} is a training run with no complete checkpoint yet: wait for its first save (train.save_every) or pass a checkpoint directory")
+    return latest
+
+
 def resolve_checkpoint(ref: str | Path) -> Path:
-    """A checkpoint directory for ``ref``: the directory itself when it exists, else, for an
-    ``org/name[@revision]`` id, the repository's snapshot in the Hugging Face cache (fetched
-    when online; ``HF_HOME`` and ``HF_HUB_OFFLINE=1`` honoured, a token read from the
-    environment only). A path that exists nowhere is returned as given, for the loader to
-    name it."""
+    """A checkpoint directory for ``ref``: the directory itself when it is one; for a training
+    run directory, its ``checkpoints/best`` or else its latest complete step checkpoint (the
+    returned path says which); else, for an ``org/name[@revision]`` id, the repository's
+    snapshot in the Hugging Face cache (fetched when online; ``HF_HOME`` and
+    ``HF_HUB_OFFLINE=1`` honoured, a token read from the environment only). A path that exists
+    nowhere is returned as given, for the loader to name it."""
     path = Path(ref)
     text = os.fspath(ref)
+    if is_training_run(path):
+        return checkpoint_of_run(path)
     if path.exists() or not looks_like_hub_id(text):
         return path
     repo_id, _, revision = text.partition("@")
@@ -91,16 +115,19 @@ def load_for_inference(
             raise CoresError("no model given and no embedded default in this install: pass --checkpoint DIR (or --preset tiny for a smoke run with random weights)")
         source = EMBEDDED_SOURCE
     if checkpoint is not None:
-        checkpoint = resolve_checkpoint(checkpoint)
+        resolved = resolve_checkpoint(checkpoint)
+        if is_training_run(Path(checkpoint)):
+            source = str(resolved)  # the record names the checkpoint the run directory resolved to
+        checkpoint = resolved
         cfg = apply_overrides(read_checkpoint_config(checkpoint), overrides)
-        model, report = load_checkpoint(checkpoint, overrides=cfg)
+        model, report = load_checkpoint(checkpoint, overrides=cfg, dtype=dtype)
         loaded = LoadedModel(model, source, False, report)
     else:
         cfg = load_model_config(preset, None, overrides)
         with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
             torch.manual_seed(seed)
-            loaded = LoadedModel(build_model(cfg), f"preset:{preset} (random weights)", True, None)
-    loaded.model.to(device=device, dtype=dtype).eval()
+            loaded = LoadedModel(build_model(cfg, dtype=dtype), f"preset:{preset} (random weights)", True, None)
+    cast_for_run(loaded.model, dtype, device).eval()
     return loaded
 
 

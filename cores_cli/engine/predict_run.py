@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ..bundled import EMBEDDED_SOURCE, is_synthetic_scene_size, synthetic_only_warning
 from ..errors import CoresError
 from ..images import DEFAULT_MAX_PIXELS
 from .batch_predict import Job, OutputNamer, StopSignals, output_dir_lock, prepare_job, remove_stale_temporaries
@@ -78,6 +79,7 @@ def run_predict(request: PredictRequest, jobs: Iterable[Job], total: int | None,
         jobs = list(jobs) if total is not None else jobs
         # a folder's or glob's files are all known up front: no output may land on one of them
         namer = OutputNamer(out, [j.image for j in jobs] if total is not None else [], predictor.reserved_tokens())
+        cautioned = loaded.source != EMBEDDED_SOURCE  # only the shipped model needs the caution
         reporter.started(total)
         try:
             for job in jobs:  # a signal while waiting for the next stdin line stops here
@@ -88,6 +90,10 @@ def run_predict(request: PredictRequest, jobs: Iterable[Job], total: int | None,
                         with signals.deferred():
                             outcome.done.append(staged.commit())
                             reporter.item_done(outcome.done[-1])
+                        size = outcome.done[-1]["image_size"]
+                        if not cautioned and not is_synthetic_scene_size(size["height"], size["width"]):
+                            cautioned = True
+                            reporter.warning(synthetic_only_warning(f"{job.image} ({size['width']}×{size['height']})"))
                     except BaseException:
                         staged.discard()  # temporaries not yet moved; nothing once committed
                         raise

@@ -30,6 +30,7 @@ import torch
 from ..configio import to_dict
 from ..errors import CoresError
 from ..fileio import TEMPORARY_PATTERN, atomic_write_text
+from ..model.precision import cast_for_run
 from ..runtime import resolve_device
 from .train_config import Recipe, TrainConfig, recipe_text
 
@@ -326,7 +327,7 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         if saved_state[0].step > cfg.steps:
             raise CoresError(f"{resume_from} is at step {saved_state[0].step}, past train.steps={cfg.steps}; raise train.steps to continue")
 
-    model = _build_model(recipe, resume_from)
+    model = _build_model(recipe, resume_from, dtype)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen embeddings (no input grads needed)
         model.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -334,8 +335,7 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         from .embedding_cache import attach_embedding_cache
 
         attach_embedding_cache(model, cfg.embedding_cache)
-    model.to(device)
-    model.train()
+    prepare_for_training(model, dtype, device)
     engine = ds.build_engine(model, cfg, cfg.steps, dtype, device)
 
     state = ts.TrainState(world_size=proc.world)
@@ -416,22 +416,31 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     return TrainResult(run_dir, state.step, last_ckpt, state.best_giou, state.best_step, losses)
 
 
+def prepare_for_training(model, dtype: torch.dtype, device: torch.device) -> None:
+    """The model on ``device`` under the numeric policy eval/predict use (``cast_for_run``),
+    in train mode, ready for ``deepspeed.initialize``: DeepSpeed casts parameters only and
+    keeps buffers as they are, so the position buffers stay fp32 in training too."""
+    cast_for_run(model, dtype, device)
+    model.train()
+
+
 def _quiet_deepspeed() -> None:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
 
 
-def _build_model(recipe: Recipe, resume_from: Path | None):
+def _build_model(recipe: Recipe, resume_from: Path | None, dtype: torch.dtype):
     from ..model.builder import build_model
     from .checkpoint import load_checkpoint
 
     # The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(recipe.train.seed)
     if resume_from is not None:
-        model, _ = load_checkpoint(resume_from, overrides=recipe.model)
+        model, _ = load_checkpoint(resume_from, overrides=recipe.model, dtype=dtype)
         return model
-    return build_model(recipe.model)
+    # at the run's dtype from the start: no process holds an fp32 copy of the frozen weights
+    return build_model(recipe.model, dtype=dtype)
 
 
 def _restore(engine, model, saved, proc, reporter: Reporter, seed: int):

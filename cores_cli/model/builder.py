@@ -6,13 +6,26 @@ import torch
 
 from ..config import CHAIN_TOKENS, ModelConfig
 from .cores import CoresModel
-from .mllm import IMAGE_TOKEN, add_chain_tokens, apply_lora, build_llava, fit_vocabulary, load_llava, load_tokenizer
+from .mllm import (
+    IMAGE_TOKEN,
+    add_chain_tokens,
+    apply_lora,
+    build_llava,
+    fit_vocabulary,
+    load_llava,
+    load_tokenizer,
+)
+from .precision import cast_for_run, default_dtype
 from .sam import build_sam, load_sam_checkpoint
 from .token_rows import ChainTokenRows
 
 
-def build_model(cfg: ModelConfig, load_base_weights: bool = True, tokenizer=None) -> CoresModel:
-    """Build the model the config describes, on the current default device, in fp32.
+def build_model(cfg: ModelConfig, load_base_weights: bool = True, tokenizer=None, dtype: torch.dtype = torch.float32) -> CoresModel:
+    """Build the model the config describes, on the current default device, at ``dtype``.
+
+    Every part is created at ``dtype`` (LLaVA loaded by transformers at that dtype, with its
+    low-memory loading; SAM and the new parts created under that default dtype), so no fp32
+    copy of the model exists on the way; the position buffers are fp32 (see ``precision``).
 
     ``load_base_weights`` False skips the SAM ``.pth`` and LLaVA directory weights (the
     architecture is still taken from the directory's config when ``mllm.path`` is set); used
@@ -23,26 +36,31 @@ def build_model(cfg: ModelConfig, load_base_weights: bool = True, tokenizer=None
     base_vocab = len(tok)
     chain_ids = add_chain_tokens(tok)
 
-    sam = build_sam(cfg.sam)
-    if load_base_weights and cfg.sam.checkpoint:
-        load_sam_checkpoint(sam, cfg.sam.checkpoint)
+    with default_dtype(dtype):
+        sam = cast_for_run(build_sam(cfg.sam), dtype)  # fp32 position matrix before loading into it
+        if load_base_weights and cfg.sam.checkpoint:
+            load_sam_checkpoint(sam, cfg.sam.checkpoint)
+        llava = _base_llava(cfg, tok, base_vocab, load_base_weights, dtype)
+        fit_vocabulary(llava, len(tok))
+        rows = ChainTokenRows.from_model([chain_ids[t] for t in CHAIN_TOKENS], llava.get_input_embeddings(), llava.get_output_embeddings())
+        mllm = apply_lora(llava, cfg.lora) if cfg.lora.enabled else llava
+        model = CoresModel(cfg, sam, mllm, tok, rows)
+    # a no-op for what was created at ``dtype``; the rotary frequencies back to fp32 if needed
+    return cast_for_run(model, dtype)
 
+
+def _base_llava(cfg: ModelConfig, tok, base_vocab: int, load_base_weights: bool, dtype: torch.dtype):
+    """LLaVA from its directory (weights, or only the architecture), else from the config."""
     if cfg.mllm.path and load_base_weights:
-        llava = load_llava(cfg.mllm.path)
-    else:
-        if cfg.mllm.path:
-            from transformers import AutoConfig, LlavaForConditionalGeneration
+        return load_llava(cfg.mllm.path, dtype)
+    if cfg.mllm.path:
+        from transformers import AutoConfig, LlavaForConditionalGeneration
 
-            llava = LlavaForConditionalGeneration(AutoConfig.from_pretrained(cfg.mllm.path, local_files_only=True))
-        else:
-            image_id = cfg.mllm.image_token_index
-            if image_id is None:
-                image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-            llava = build_llava(cfg.mllm, base_vocab, image_id, tok.pad_token_id)
-    fit_vocabulary(llava, len(tok))
-    rows = ChainTokenRows.from_model([chain_ids[t] for t in CHAIN_TOKENS], llava.get_input_embeddings(), llava.get_output_embeddings())
-    mllm = apply_lora(llava, cfg.lora) if cfg.lora.enabled else llava
-    return CoresModel(cfg, sam, mllm, tok, rows)
+        return LlavaForConditionalGeneration(AutoConfig.from_pretrained(cfg.mllm.path, local_files_only=True))
+    image_id = cfg.mllm.image_token_index
+    if image_id is None:
+        image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    return build_llava(cfg.mllm, base_vocab, image_id, tok.pad_token_id)
 
 
 def build_on_meta(cfg: ModelConfig) -> CoresModel:

@@ -13,6 +13,7 @@ into pieces of text (Llama-2 turns the plain text ``"[SEG]"`` into two ids).
 
 from __future__ import annotations
 
+import re
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -77,7 +78,19 @@ def load_tokenizer(cfg: MllmConfig) -> PreTrainedTokenizerBase:
     tok = read_tokenizer_dir(source)
     if not tok.is_fast:
         raise CheckpointError(f"{source}: a fast tokenizer (tokenizer.json) is needed for exact answer masking")
+    check_image_token(tok, source)
     return tok
+
+
+def check_image_token(tokenizer: PreTrainedTokenizerBase, source: str | Path) -> None:
+    """The prompt marks the image with ``<image>``: a tokenizer that lacks it (or splits it)
+    would only fail later, at the first question, with a message about the question."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab() or len(tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)) != 1:
+        raise CheckpointError(
+            f"the tokenizer in {source} has no {IMAGE_TOKEN} token, which LLaVA prompts need: use the tokenizer saved with "
+            f"the HF LLaVA model (e.g. llava-hf/llava-1.5-7b-hf), or add it with "
+            f"tokenizer.add_tokens(['{IMAGE_TOKEN}'], special_tokens=True) and save_pretrained"
+        )
 
 
 def read_tokenizer_dir(source: str | Path) -> PreTrainedTokenizerBase:
@@ -158,23 +171,69 @@ def build_llava(cfg: MllmConfig, base_vocab_size: int, image_token_index: int, p
 
 
 def load_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
-    """An HF-format LLaVA directory, offline. transformers maps older key layouts
-    (``language_model.model.layers...``) onto its current one."""
+    """An HF-format LLaVA directory, offline, strictly: a tensor the config expects but the
+    weights lack (which transformers would leave randomly initialised), a tensor the model has
+    no place for, or a shape that differs from the config is a CheckpointError naming them.
+    transformers maps older key layouts (``language_model.model.layers...``) onto its current one."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise CheckpointError(f"not an HF LLaVA directory (no config.json): {p}")
-    # transformers draws its own progress bar on stderr; ours report progress themselves
+    # transformers draws its own progress bar and load report on stderr; we report ourselves
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
-        return LlavaForConditionalGeneration.from_pretrained(p, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+        # mismatched shapes are collected (not raised as a bare RuntimeError) so they can be named
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            p, dtype=dtype, local_files_only=True, attn_implementation="sdpa", output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load LLaVA from {p}: {str(exc).splitlines()[0]}") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
+    check_loading_info(p, info)
+    return model
+
+
+BENIGN_KEYS = re.compile(r"(^|\.)(rotary_emb\.(original_)?inv_freq|embeddings\.position_ids)$")
+"""Buffers that older saves carry and the model recomputes at build time (rotary frequencies,
+CLIP's position ids): present or absent, they change no weight."""
+
+NAMED_KEYS = 3
+"""How many tensor names an error quotes before giving the count."""
+
+
+def _named(keys: list[str], what: str) -> str:
+    shown = ", ".join(keys[:NAMED_KEYS])
+    return f"{len(keys)} {what}: {shown}{', ...' if len(keys) > NAMED_KEYS else ''}"
+
+
+def check_loading_info(path: Path, info: dict) -> None:
+    """Raise for what ``from_pretrained(output_loading_info=True)`` reports as not loaded."""
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
+    vocab = [m for m in mismatched if m[0].endswith(("embed_tokens.weight", "lm_head.weight"))]
+    if vocab:
+        _, stored, expected = vocab[0]
+        raise CheckpointError(
+            f"{path / 'config.json'}: the vocabulary size is {expected[0]} but the embedding weights have {stored[0]} rows: "
+            f"set text_config.vocab_size to {stored[0]} (the config does not belong to these weights)"
+        )
+    if mismatched:
+        shapes = [f"{k} {list(stored)} vs {list(expected)} in config.json" for k, stored, expected in mismatched]
+        raise CheckpointError(f"{path}: tensors of another shape than config.json says ({_named(shapes, 'differ')}): the config does not belong to these weights")
+    missing = sorted(k for k in info.get("missing_keys") or () if not BENIGN_KEYS.search(k))
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not BENIGN_KEYS.search(k))
+    if missing or unexpected:
+        parts = ([_named(missing, "missing")] if missing else []) + ([_named(unexpected, "unexpected")] if unexpected else [])
+        raise CheckpointError(
+            f"{path}: the weights do not match the LLaVA in its config.json ({'; '.join(parts)}): "
+            f"point mllm.path at a complete HF LLaVA directory (as save_pretrained writes it)"
+        )
 
 
 def fit_vocabulary(model: LlavaForConditionalGeneration, vocab_size: int) -> None:

@@ -16,7 +16,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from ..config import SamConfig
+from ..config import SAM_PRESETS, SamConfig
 from ..errors import CheckpointError
 
 
@@ -104,18 +104,88 @@ def load_state_dict_reported(module: nn.Module, state: dict[str, torch.Tensor], 
     return LoadReport(source, len(state) - len(unexpected), missing, unexpected)
 
 
+def _load_tensors(p: Path) -> dict:
+    """The file's tensors, memory-mapped (no second copy of a 2.5 GB ViT-H file in RAM); files in
+    torch's legacy (pre-zip) format cannot be mapped and are read whole."""
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(p, map_location="cpu", weights_only=True)
+
+
 def load_sam_checkpoint(sam: Sam, path: str | Path) -> LoadReport:
     """Load an official ``sam_vit_*.pth`` (a plain state dict) without unpickling code."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"SAM checkpoint not found: {p}")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = _load_tensors(p)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(f"SAM checkpoint {p} could not be read safely: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"SAM checkpoint {p} is not a state dict of tensors")
+    check_encoder_variant(sam, state, p)
     report = load_state_dict_reported(sam, state, str(p))
     if report.missing:
         raise CheckpointError(f"SAM checkpoint {p} does not fit this SAM size: {report.summary()}")
     return report
+
+
+OFFICIAL_VARIANTS = ("vit_h", "vit_l", "vit_b")
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """What tells SAM's official image encoders apart: their width and their number of blocks."""
+
+    width: int
+    depth: int
+
+    @classmethod
+    def of_state(cls, state: dict[str, torch.Tensor]) -> EncoderShape | None:
+        patch = state.get("image_encoder.patch_embed.proj.weight")
+        blocks = {int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks.") and k.split(".")[2].isdigit()}
+        return cls(int(patch.shape[0]), max(blocks) + 1) if patch is not None and patch.ndim == 4 and blocks else None
+
+    @classmethod
+    def of_model(cls, sam: Sam) -> EncoderShape:
+        return cls(sam.image_encoder.patch_embed.proj.out_channels, len(sam.image_encoder.blocks))
+
+    @classmethod
+    def of_config(cls, cfg: SamConfig) -> EncoderShape:
+        return cls(cfg.encoder_embed_dim, cfg.encoder_depth)
+
+    def variant(self) -> str | None:
+        """``vit_h``/``vit_l``/``vit_b`` for an official size, else None."""
+        return next((name for name in OFFICIAL_VARIANTS if EncoderShape.of_config(SAM_PRESETS[name]()) == self), None)
+
+    def describe(self) -> str:
+        name = self.variant()
+        label = f"ViT-{name[len('vit_'):].upper()}" if name else "an encoder"
+        return f"{label} (width {self.width}, {self.depth} blocks)"
+
+
+def variant_settings(name: str) -> str:
+    """The ``--set`` options that configure an official SAM variant."""
+    cfg = SAM_PRESETS[name]()
+    indexes = ",".join(str(i) for i in cfg.encoder_global_attn_indexes)
+    return (
+        f"--set sam.encoder_embed_dim={cfg.encoder_embed_dim} --set sam.encoder_depth={cfg.encoder_depth} "
+        f"--set sam.encoder_num_heads={cfg.encoder_num_heads} --set sam.encoder_global_attn_indexes=[{indexes}]"
+    )
+
+
+def check_encoder_variant(sam: Sam, state: dict[str, torch.Tensor], path: Path) -> None:
+    """An official ``.pth`` of another variant than the model's (ViT-B weights for a ViT-H
+    config) fails before any tensor is compared, with the settings that would fit it. Other
+    sizes are left to the shape check, which has no variant to suggest."""
+    stored, wanted = EncoderShape.of_state(state), EncoderShape.of_model(sam)
+    if stored is None or stored == wanted or stored.variant() is None:
+        return
+    name = stored.variant()
+    raise CheckpointError(
+        f"SAM checkpoint {path} is {stored.describe()}, but the model is configured for {wanted.describe()}: "
+        f"configure {name} with {variant_settings(name)}, or pass {f'a sam_{wanted.variant()}_*.pth' if wanted.variant() else 'a checkpoint of the configured size'}"
+    )
