@@ -38,7 +38,6 @@ SHARD_BYTES = 4 * 1024**3
 SAM_FILE = "sam_vit_h_random.pth"
 IMAGE_TOKEN_ID = 32000
 PAD_TOKEN_ID = 32001
-LLAMA_BASE_VOCAB = 32000
 BUDGET_RATIO = 1.2
 WAYS = ("predict", "train")
 
@@ -47,46 +46,10 @@ WAYS = ("predict", "train")
 
 
 def build_llama_style_tokenizer():
-    """A tokenizer shaped like Llama-2's: BPE over Metaspace pieces (``▁``), byte fallback
-    through ``<0x00>``…``<0xFF>``, 32000 entries with ``<unk> <s> </s>`` first, then ``<image>``
-    (32000) and ``<pad>`` (32001) as llava-hf adds them. Merges are learned on the shipped tiny
-    corpus; the rest of the 32000 entries are unreachable fillers that only give the size."""
-    from importlib import resources
+    """The Llama-2-style tokenizer cores builds offline (``<image>`` 32000, ``<pad>`` 32001)."""
+    from cores_cli.model.mllm import build_llama_style_tokenizer as build
 
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = (resources.files("cores_cli") / "assets" / "tiny_tokenizer_corpus.txt").read_text("utf-8").splitlines()
-    specials = ["<unk>", "<s>", "</s>"]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-
-    learner = Tokenizer(models.BPE(unk_token="<unk>"))
-    learner.pre_tokenizer = metaspace
-    learner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=8000, special_tokens=specials + byte_tokens, show_progress=False))
-    learned = json.loads(learner.to_str())["model"]
-    order = sorted(learned["vocab"].items(), key=lambda item: item[1])
-    vocab = {token: i for i, (token, _) in enumerate(order)}
-    for i in range(len(vocab), LLAMA_BASE_VOCAB):
-        vocab[f"<filler_{i}>"] = i
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = metaspace
-    # Llama-2's own decoder: pieces back to spaces, bytes back to characters, the prepended space off
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens(specials)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=4096)
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.add_special_tokens({"pad_token": "<pad>"})
+    fast = build()
     ids = (fast.convert_tokens_to_ids("<image>"), fast.convert_tokens_to_ids("<pad>"))
     if ids != (IMAGE_TOKEN_ID, PAD_TOKEN_ID):
         raise RuntimeError(f"<image>/<pad> got ids {ids}, llava-hf has {(IMAGE_TOKEN_ID, PAD_TOKEN_ID)}")

@@ -191,49 +191,14 @@ def test_export_loads_back_and_predicts_the_same_masks(real_width_checkpoint, re
 
 # --------------------------------------------------------------- an HF LLaVA directory, as users pass it
 
-LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
-BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 HF_VOCAB = 32064  # llava-1.5-hf pads 32000 + <image> + <pad> to a multiple of 64
 IMAGE_ID, PAD_ID = 32000, 32001
 
 
 def llama_style_tokenizer():
-    """A Llama-2-style tokenizer built offline: SentencePiece-style BPE (Metaspace ``▁``, byte
-    fallback through ``<0x00>``..``<0xFF>`` at ids 3-258), trained on the shipped corpus and
-    filled to 32000 entries with pieces no text produces (the corpus is too small for 32000
-    merges), then ``<image>`` = 32000 and ``<pad>`` = 32001 as llava-hf adds them."""
-    import json
-    from importlib import resources
+    from cores_cli.model.mllm import build_llama_style_tokenizer
 
-    from tokenizers import (
-        AddedToken,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = (resources.files("cores_cli") / "assets" / "tiny_tokenizer_corpus.txt").read_text("utf-8").splitlines()
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    # Llama-2's tokenizer.json decoder (a Metaspace decoder after Fuse would drop every space)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=list(LLAMA_SPECIALS), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    data = json.loads(tok.to_str())
-    # the byte pieces belong to the model's vocabulary (as in Llama's), not to the added special
-    # tokens, which decoding would skip; merges name pieces, not ids, so renumbering keeps them
-    trained = sorted(data["model"]["vocab"].items(), key=lambda item: item[1])
-    pieces = [*LLAMA_SPECIALS, *BYTE_TOKENS, *(p for p, _ in trained if p not in LLAMA_SPECIALS and p not in BYTE_TOKENS)]
-    pieces += [f"▁unused{i}" for i in range(len(pieces), VOCAB)]
-    data["model"]["vocab"] = {p: i for i, p in enumerate(pieces)}
-    tok = Tokenizer.from_str(json.dumps(data))
-    tok.add_special_tokens([AddedToken("<image>", normalized=False), AddedToken("<pad>", normalized=False)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=4096)
+    return build_llama_style_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,41 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+
+LLAMA_VOCAB = 32000
+"""Llama's vocabulary; llava-hf adds ``<image>`` (32000) and ``<pad>`` (32001) after it."""
+
+
+def build_llama_style_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-2-style tokenizer built offline (for real-width tests and benchmarks): BPE over
+    Metaspace pieces (``▁``), byte fallback through ``<0x00>``..``<0xFF>`` at ids 3-258, trained on
+    the shipped corpus and filled to 32000 entries with pieces no text produces (the corpus is too
+    small for 32000 merges), then ``<image>`` = 32000 and ``<pad>`` = 32001 as llava-hf adds them."""
+    import json
+
+    from tokenizers import AddedToken
+
+    specials = ("<unk>", "<s>", "</s>")
+    byte_tokens = tuple(f"<0x{b:02X}>" for b in range(256))
+    corpus = (resources.files("cores_cli") / "assets" / "tiny_tokenizer_corpus.txt").read_text("utf-8").splitlines()
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    # Llama-2's tokenizer.json decoder (a Metaspace decoder after Fuse would drop every space)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=4000, special_tokens=list(specials), show_progress=False))
+    data = json.loads(tok.to_str())
+    # the byte pieces belong to the model's vocabulary (as in Llama's), not to the added special
+    # tokens, which decoding would skip; merges name pieces, not ids, so renumbering keeps them
+    trained = sorted(data["model"]["vocab"].items(), key=lambda item: item[1])
+    pieces = [*specials, *byte_tokens, *(p for p, _ in trained if p not in specials and p not in byte_tokens)]
+    pieces += [f"▁unused{i}" for i in range(len(pieces), LLAMA_VOCAB)]
+    data["model"]["vocab"] = {p: i for i, p in enumerate(pieces)}
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_special_tokens([AddedToken("<image>", normalized=False), AddedToken("<pad>", normalized=False)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=4096)
+
+
 def load_tokenizer(cfg: MllmConfig) -> PreTrainedTokenizerBase:
     """The tokenizer named by the config: a directory, the LLaVA directory, or the tiny one."""
     source = cfg.tokenizer or cfg.path
