@@ -3,6 +3,8 @@
     python benchmarks/real_size.py --write-base /tmp/base7b        # ~15.4 GB of random weights
     python benchmarks/real_size.py --measure /tmp/base7b           # peak RSS and wall time of loading it
     python benchmarks/real_size.py --measure /tmp/base7b --json
+    python benchmarks/real_size.py --device cuda                   # throughput of the full-size model on a GPU
+    python benchmarks/real_size.py --device cuda --measure /tmp/base7b   # ... on the base's weights
 
 ``--write-base DIR`` writes an HF-format LLaVA-1.5-7B directory (config.json as
 llava-hf/llava-1.5-7b-hf has it, a Llama-style tokenizer built offline with ``<image>`` at 32000 and
@@ -20,6 +22,16 @@ time, so the whole model is never in memory. Nothing is downloaded.
 
 Each child reports its peak RSS (``VmHWM``), the RSS of the imports alone, the wall time of the
 load and the bytes of the tensors the loaded model holds; the budget is peak RSS ≤ 1.2 × those bytes.
+
+``--layers N`` times training steps of the real-width model with N layers per stack in fp32 on
+the CPU, per layer, and extrapolates to the full depth.
+
+``--device DEVICE`` builds the ``cores-7b`` recipe's model (full depth, or ``--layers N``) directly
+on the device at ``--dtype`` (bf16 on CUDA), with random weights or the ``--measure`` base's, and
+reports training samples/s (forward, backward, AdamW, gradient checkpointing), teacher-forced eval
+samples/s at ``--eval-batch`` (8) through the Predictor, the peak device memory of each, and the
+eval time per sample over its FLOP floor (SAM ViT-H encoder ≈ 6 TFLOP + 2 × LLM parameters ×
+prompt tokens, at the device's dense bf16 peak).
 """
 
 from __future__ import annotations
@@ -335,6 +347,212 @@ def describe_compute(c: ComputeFigures) -> str:
     )
 
 
+# ------------------------------------------------------------------------------ throughput on a device
+
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "A6000": 155.0, "RTX 4090": 165.0, "A10": 125.0}
+"""Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a
+substring of ``torch.cuda.get_device_name()``; SXM figures for H100/H200 (``--peak-tflops``
+overrides, e.g. 756 for an H100 PCIe)."""
+
+SAM_VIT_H_ENCODER_FLOP = 6e12
+"""The issue's estimate of one SAM ViT-H image-encoder pass at 1024 px (≈ 3 TMAC)."""
+
+
+@dataclass
+class DeviceFigures:
+    device: str
+    device_name: str
+    dtype: str
+    layers: str
+    """``full`` (32 LLM layers, 24 CLIP, 32 SAM blocks) or the reduced depth per stack."""
+    train_batch: int
+    train_steps: int
+    train_samples_per_s: float
+    train_peak_bytes: int | None
+    """Peak device memory during training (``torch.cuda.max_memory_allocated``; None on the CPU)."""
+    eval_batch: int
+    eval_samples_per_s: float
+    eval_peak_bytes: int | None
+    eval_preprocess_s_per_sample: float
+    """Of the eval time, what decoding-free preprocessing (SAM and CLIP inputs) takes per sample."""
+    prompt_tokens: float
+    """Mean LLM sequence length of the eval batch (image tokens included)."""
+    counted_flop_per_sample: float
+    """FLOPs of one eval sample counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    estimated_flop_per_sample: float
+    """The floor's FLOPs: SAM ViT-H encoder ≈ 6 TFLOP (scaled to the encoder's width and depth)
+    + 2 × LLM parameters × prompt tokens."""
+    peak_flops: float | None
+    floor_ratio: float | None
+    """Measured eval seconds per sample over the FLOP floor (estimated FLOPs at the bf16 peak)."""
+
+
+def device_peak_flops(device, override_tflops: float | None) -> float | None:
+    import torch
+
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in sorted(BF16_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def device_model_config(layers: int | None, base: Path | None):
+    """The ``cores-7b`` recipe's model (LLaVA-1.5-7B + SAM ViT-H, LoRA, depth-2 chain, one
+    exemplar); at full depth unless ``layers`` is given; on the base's weights when given,
+    else random weights."""
+    from cores_cli.configio import apply_overrides
+    from cores_cli.engine.train_config import load_recipe
+
+    model = load_recipe("cores-7b", []).model
+    changes = []
+    if layers is not None:
+        changes += [
+            f"mllm.text.num_layers={layers}",
+            f"mllm.vision.num_layers={layers + 1}",
+            f"sam.encoder_depth={layers}",
+            f"sam.encoder_global_attn_indexes=[{layers - 1}]",
+        ]
+    if base is not None:
+        changes += [f"mllm.path={base}", f"sam.checkpoint={base / SAM_FILE}"]
+    else:
+        changes += ["mllm.image_token_index=null"]
+    return apply_overrides(model, changes)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_bytes(device) -> int | None:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure_device(
+    cfg,
+    device,
+    dtype,
+    tokenizer=None,
+    train_batch: int = 2,
+    train_steps: int = 3,
+    eval_batch: int = 8,
+    eval_repeats: int = 3,
+    gradient_checkpointing: bool = True,
+    peak_tflops: float | None = None,
+) -> DeviceFigures:
+    """Eval (teacher-forced, ``eval_batch`` photos with one question each, through the
+    Predictor as ``cores eval`` runs it) and training steps (forward, loss, backward, AdamW on
+    the trainable parts, gradient checkpointing as the recipe has it; plain torch AdamW, as
+    DeepSpeed may be absent) of ``cfg``'s model built on ``device`` at ``dtype``. One warm-up
+    of each is not timed."""
+    import statistics
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cores_cli.engine.loading import exemplar_sampler
+    from cores_cli.engine.predictor import Predictor, Query
+    from cores_cli.model.builder import build_model
+    from cores_cli.processing.transform import SampleTransform, collate
+
+    torch.manual_seed(0)
+    load_weights = bool(cfg.mllm.path)
+    model = build_model(cfg, load_base_weights=load_weights, tokenizer=tokenizer, dtype=dtype, device=device)
+    sample = one_photo_sample()
+    pixels = sample.image_array
+
+    # ---- eval
+    predictor = Predictor(model, exemplar_sampler(model, None, 0), seed=0)
+    items = [(pixels, [Query(sample.rounds[0].query, "sentence", name=f"q{i}", exemplar_key=f"q{i}")]) for i in range(eval_batch)]
+    _reset_peak(device)
+    predictor.predict_images(items, "teacher")  # warm-up
+    times = []
+    for _ in range(eval_repeats):
+        _sync(device)
+        start = time.perf_counter()
+        predictor.predict_images(items, "teacher")
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    eval_peak = _peak_bytes(device)
+    eval_s = statistics.median(times)
+    start = time.perf_counter()
+    for _ in range(eval_batch):
+        predictor.transform.image(pixels)
+    preprocess_s = (time.perf_counter() - start) / eval_batch
+    image = predictor.transform.image(pixels)
+    encoded = [predictor.transform.encode_queries(image, [(q.text, q.style)], q.name, exemplar_key=q.exemplar_key) for _, (q,) in items]
+    prompt_tokens = statistics.mean(len(e.input_ids) for e in encoded)
+    with FlopCounterMode(display=False) as counter:
+        predictor.predict_images(items[:1], "teacher")
+    counted = float(counter.get_total_flops())
+    llm = model.llava.model.language_model
+    llm_params = sum(p.numel() for p in llm.parameters()) + model.llava.get_output_embeddings().weight.numel()
+    # ViT-H's figure scaled to this encoder (FLOPs grow with width squared and with depth)
+    sam_flop = SAM_VIT_H_ENCODER_FLOP * (cfg.sam.encoder_embed_dim / 1280) ** 2 * cfg.sam.encoder_depth / 32
+    estimated = sam_flop + 2 * llm_params * prompt_tokens
+
+    # ---- training
+    model.train()
+    if gradient_checkpointing:
+        model.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    transform = SampleTransform.for_model(model, exemplar_sampler(model, None, 0), train=True, seed=0)
+    batch = collate([transform(sample) for _ in range(train_batch)], model.tokenizer.pad_token_id).to(device, dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    _reset_peak(device)
+    steps = []
+    for _ in range(train_steps + 1):
+        _sync(device)
+        start = time.perf_counter()
+        loss = model(batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        steps.append(time.perf_counter() - start)
+    train_peak = _peak_bytes(device)
+    step_s = statistics.median(steps[1:])
+
+    peak = device_peak_flops(device, peak_tflops)
+    per_sample = eval_s / eval_batch
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return DeviceFigures(
+        device=str(device),
+        device_name=name,
+        dtype=str(dtype).removeprefix("torch."),
+        layers="full" if cfg.mllm.text.num_layers == 32 else f"{cfg.mllm.text.num_layers}-layer",
+        train_batch=train_batch,
+        train_steps=train_steps,
+        train_samples_per_s=train_batch / step_s,
+        train_peak_bytes=train_peak,
+        eval_batch=eval_batch,
+        eval_samples_per_s=eval_batch / eval_s,
+        eval_peak_bytes=eval_peak,
+        eval_preprocess_s_per_sample=preprocess_s,
+        prompt_tokens=float(prompt_tokens),
+        counted_flop_per_sample=counted,
+        estimated_flop_per_sample=float(estimated),
+        peak_flops=peak,
+        floor_ratio=(per_sample / (estimated / peak)) if peak else None,
+    )
+
+
 # ------------------------------------------------------------------------------ measuring a load
 
 
@@ -455,6 +673,24 @@ def describe(f: LoadFigures) -> str:
     )
 
 
+def describe_device(f: DeviceFigures) -> str:
+    def mem(b: int | None) -> str:
+        return f"{b / GIB:.1f} GiB" if b is not None else "n/a on the CPU"
+
+    floor = (
+        f"{f.floor_ratio:.1f}× the FLOP floor ({f.estimated_flop_per_sample / 1e12:.2f} TFLOP at {f.peak_flops / 1e12:.0f} TFLOP/s)"
+        if f.floor_ratio is not None
+        else "no FLOP-floor ratio (no bf16 peak known for this device: --peak-tflops)"
+    )
+    return (
+        f"{f.device_name} ({f.device}), {f.dtype}, {f.layers} model:\n"
+        f"  training: {f.train_samples_per_s:.2f} samples/s (micro-batch {f.train_batch}, median of {f.train_steps} steps), peak memory {mem(f.train_peak_bytes)}\n"
+        f"  eval (teacher-forced, batch {f.eval_batch}): {f.eval_samples_per_s:.2f} samples/s, {1 / f.eval_samples_per_s * 1000:.0f} ms per sample "
+        f"(of it preprocessing {f.eval_preprocess_s_per_sample * 1000:.0f} ms), peak memory {mem(f.eval_peak_bytes)}\n"
+        f"  {f.prompt_tokens:.0f} LLM tokens per sample; {f.counted_flop_per_sample / 1e12:.2f} TFLOP counted per sample; {floor}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-base", type=Path, metavar="DIR", help="Write the random full-size base into DIR.")
@@ -462,6 +698,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS), help="Which loads to measure.")
     parser.add_argument("--layers", type=int, metavar="N", help="Time training steps of the real-width model with N layers per stack (fp32, CPU).")
     parser.add_argument("--repeats", type=int, default=2, help="Timed steps for --layers (after one warm-up step).")
+    parser.add_argument("--device", help="Measure training and eval throughput on this device (cuda, cuda:N, cpu): "
+                        "the cores-7b model at full depth (or --layers N), on the --measure base's weights when given, else random.")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="With --device: the compute dtype (default bf16 on CUDA, fp32 on the CPU).")
+    parser.add_argument("--eval-batch", type=int, default=8, help="With --device: teacher-forced eval batch (default 8).")
+    parser.add_argument("--train-batch", type=int, default=2, help="With --device: training micro-batch (default 2, the recipe's).")
+    parser.add_argument("--peak-tflops", type=float, help="With --device: the device's dense bf16 peak, when its name is not in the table.")
     parser.add_argument("--json", action="store_true", help="Print the figures as one JSON object.")
     parser.add_argument("--load-once", nargs=2, metavar=("WAY", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -469,8 +711,10 @@ def main(argv: list[str] | None = None) -> int:
         way, base = args.load_once
         print(json.dumps(asdict(load_once(way, Path(base)))))
         return 0
+    if args.device:
+        return run_device(args, parser)
     if not (args.write_base or args.measure or args.layers):
-        parser.error("give --write-base DIR, --measure DIR and/or --layers N")
+        parser.error("give --write-base DIR, --measure DIR, --layers N and/or --device DEVICE")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be 1 or more")
     if args.write_base:
@@ -485,6 +729,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers:
         compute = measure_compute(args.layers, args.repeats)
         print(json.dumps(asdict(compute)) if args.json else describe_compute(compute))
+    return 0
+
+
+def run_device(args, parser) -> int:
+    import torch
+
+    from cores_cli.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be 1 or more")
+    base = args.measure
+    cfg = device_model_config(args.layers, base)
+    tokenizer = None if base else build_llama_style_tokenizer()
+    figures = measure_device(
+        cfg, device, dtype, tokenizer, train_batch=args.train_batch, train_steps=args.repeats, eval_batch=args.eval_batch, eval_repeats=args.repeats, peak_tflops=args.peak_tflops
+    )
+    print(json.dumps(asdict(figures)) if args.json else describe_device(figures))
     return 0
 
 

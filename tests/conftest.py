@@ -46,6 +46,18 @@ def in_process_training():
                 os.environ[k] = v
 
 
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` imported as a module (they are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 def invoke_predict(*args, input=None):
     """``cores predict ARGS`` in this process; an unexpected exception is raised, not hidden."""
     from typer.testing import CliRunner

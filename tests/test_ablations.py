@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 SCRIPT = REPO / "benchmarks" / "ablations.py"
 
@@ -40,17 +40,8 @@ def test_the_ablation_script_trains_scores_and_tabulates(tmp_path):
     assert (tmp_path / "depth1-s0" / "scores.json").stat().st_mtime_ns == before
 
 
-def _load_script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_tables_give_mean_and_sample_std_over_seeds(tmp_path):
-    ablations = _load_script("ablations")
+    ablations = load_benchmark("ablations")
     for seed, (v, t) in enumerate([(0.5, 0.2), (0.6, 0.4), (0.7, 0.6)]):
         run_dir = tmp_path / f"cores-s{seed}"
         run_dir.mkdir()

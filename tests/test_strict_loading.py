@@ -210,6 +210,18 @@ def test_a_tokenizer_without_the_image_token_fails_at_load_time(llava_dir, tmp_p
     assert "\n" not in str(err.value)
 
 
+def test_a_config_whose_image_token_is_not_the_tokenizers_fails_at_load_time(llava_dir, tmp_path):
+    path = _copy(llava_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    right = config["image_token_index"]
+    config["image_token_index"] = right - 1  # another token of the vocabulary
+    (path / "config.json").write_text(json.dumps(config))
+    cfg = tiny()
+    with pytest.raises(CheckpointError, match=rf"image_token_index is {right - 1} but the tokenizer's <image> is id {right}: set image_token_index to {right}") as err:
+        build_model(replace(cfg, mllm=replace(cfg.mllm, path=str(path))))
+    assert str(path / "config.json") in str(err.value) and "\n" not in str(err.value)
+
+
 def test_predict_with_a_broken_llava_directory_is_one_error_line(llava_dir, tmp_path):
     path = _copy(llava_dir, tmp_path)
     _rewrite_weights(path, lambda t: t.pop("multi_modal_projector.linear_2.bias"))

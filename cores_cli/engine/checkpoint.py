@@ -199,10 +199,15 @@ def resolve_base_paths(cfg: ModelConfig, checkpoint_dir: Path) -> ModelConfig:
 
 
 def load_checkpoint(
-    path: str | Path, overrides: ModelConfig | None = None, allow_missing: bool = False, dtype: torch.dtype = torch.float32
+    path: str | Path,
+    overrides: ModelConfig | None = None,
+    allow_missing: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> tuple[CoresModel, CheckpointReport]:
     """Build the model a checkpoint describes at ``dtype`` (position buffers fp32, see
-    ``model.precision``) on the current device, and load its weights into it.
+    ``model.precision``) directly on ``device`` (default: the current device), and load its
+    weights into it.
 
     ``overrides`` replaces the stored config (e.g. with ``--set`` changes of base paths); it may
     differ from the stored one only in :data:`CHANGEABLE_ON_LOAD`. Relative base paths in the
@@ -218,7 +223,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {p} has no tokenizer/tokenizer.json")
     tokenizer = read_tokenizer_dir(tok_dir)
     weights = _read_safetensors(p / "weights.safetensors")
-    model = build_model(cfg, load_base_weights=True, tokenizer=tokenizer, dtype=dtype)
+    model = build_model(cfg, load_base_weights=True, tokenizer=tokenizer, dtype=dtype, device=device)
 
     expected = _stored_keys(model)
     state = model.state_dict()

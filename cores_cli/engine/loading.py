@@ -120,15 +120,24 @@ def load_for_inference(
             source = str(resolved)  # the record names the checkpoint the run directory resolved to
         checkpoint = resolved
         cfg = apply_overrides(read_checkpoint_config(checkpoint), overrides)
-        model, report = load_checkpoint(checkpoint, overrides=cfg, dtype=dtype)
+        model, report = load_checkpoint(checkpoint, overrides=cfg, dtype=dtype, device=device)
         loaded = LoadedModel(model, source, False, report)
     else:
         cfg = load_model_config(preset, None, overrides)
-        with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        with torch.random.fork_rng(devices=_rng_devices(device)):  # the caller's random state stays as it was
             torch.manual_seed(seed)
-            loaded = LoadedModel(build_model(cfg, dtype=dtype), f"preset:{preset} (random weights)", True, None)
+            loaded = LoadedModel(build_model(cfg, dtype=dtype, device=device), f"preset:{preset} (random weights)", True, None)
+    # built on the device at the dtype already: this only settles what a checkpoint's own
+    # precision or an override left elsewhere
     cast_for_run(loaded.model, dtype, device).eval()
     return loaded
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    """The CUDA generators a random build on ``device`` draws from (for ``fork_rng``)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def exemplar_sampler(model: CoresModel, library: str | Path | None, seed: int) -> ExemplarSampler | None:

@@ -327,7 +327,7 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         if saved_state[0].step > cfg.steps:
             raise CoresError(f"{resume_from} is at step {saved_state[0].step}, past train.steps={cfg.steps}; raise train.steps to continue")
 
-    model = _build_model(recipe, resume_from, dtype)
+    model = _build_model(recipe, resume_from, dtype, device)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen embeddings (no input grads needed)
         model.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -430,17 +430,18 @@ def _quiet_deepspeed() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
-def _build_model(recipe: Recipe, resume_from: Path | None, dtype: torch.dtype):
+def _build_model(recipe: Recipe, resume_from: Path | None, dtype: torch.dtype, device: torch.device | None = None):
     from ..model.builder import build_model
     from .checkpoint import load_checkpoint
 
     # The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(recipe.train.seed)
     if resume_from is not None:
-        model, _ = load_checkpoint(resume_from, overrides=recipe.model, dtype=dtype)
+        model, _ = load_checkpoint(resume_from, overrides=recipe.model, dtype=dtype, device=device)
         return model
-    # at the run's dtype from the start: no process holds an fp32 copy of the frozen weights
-    return build_model(recipe.model, dtype=dtype)
+    # at the run's dtype, on the rank's device, from the start: no process holds an fp32 copy
+    # of the frozen weights, nor a host copy of what goes to its GPU
+    return build_model(recipe.model, dtype=dtype, device=device)
 
 
 def _restore(engine, model, saved, proc, reporter: Reporter, seed: int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..config import CHAIN_TOKENS, ModelConfig
@@ -11,6 +13,7 @@ from .mllm import (
     add_chain_tokens,
     apply_lora,
     build_llava,
+    check_image_token_id,
     fit_vocabulary,
     load_llava,
     load_tokenizer,
@@ -20,12 +23,21 @@ from .sam import build_sam, load_sam_checkpoint
 from .token_rows import ChainTokenRows
 
 
-def build_model(cfg: ModelConfig, load_base_weights: bool = True, tokenizer=None, dtype: torch.dtype = torch.float32) -> CoresModel:
-    """Build the model the config describes, on the current default device, at ``dtype``.
+def build_model(
+    cfg: ModelConfig,
+    load_base_weights: bool = True,
+    tokenizer=None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> CoresModel:
+    """Build the model the config describes at ``dtype``, directly on ``device`` (default: the
+    current default device).
 
-    Every part is created at ``dtype`` (LLaVA loaded by transformers at that dtype, with its
-    low-memory loading; SAM and the new parts created under that default dtype), so no fp32
-    copy of the model exists on the way; the position buffers are fp32 (see ``precision``).
+    Every part is created at ``dtype`` and on ``device`` (LLaVA loaded by transformers at that
+    dtype onto the device in effect, with its low-memory loading; SAM and the new parts created
+    under that default dtype and device), so no fp32 copy of the model exists on the way and a
+    GPU run does not stage the model in host memory first; the position buffers are fp32 (see
+    ``precision``).
 
     ``load_base_weights`` False skips the SAM ``.pth`` and LLaVA directory weights (the
     architecture is still taken from the directory's config when ``mllm.path`` is set); used
@@ -36,11 +48,15 @@ def build_model(cfg: ModelConfig, load_base_weights: bool = True, tokenizer=None
     base_vocab = len(tok)
     chain_ids = add_chain_tokens(tok)
 
-    with default_dtype(dtype):
+    # transformers' from_pretrained loads onto the device of an enclosing torch.device block
+    placement = torch.device(device) if device is not None else contextlib.nullcontext()
+    with placement, default_dtype(dtype):
         sam = cast_for_run(build_sam(cfg.sam), dtype)  # fp32 position matrix before loading into it
         if load_base_weights and cfg.sam.checkpoint:
             load_sam_checkpoint(sam, cfg.sam.checkpoint)
         llava = _base_llava(cfg, tok, base_vocab, load_base_weights, dtype)
+        if cfg.mllm.path:
+            check_image_token_id(llava, tok, cfg.mllm.path)
         fit_vocabulary(llava, len(tok))
         rows = ChainTokenRows.from_model([chain_ids[t] for t in CHAIN_TOKENS], llava.get_input_embeddings(), llava.get_output_embeddings())
         mllm = apply_lora(llava, cfg.lora) if cfg.lora.enabled else llava
@@ -65,5 +81,4 @@ def _base_llava(cfg: ModelConfig, tok, base_vocab: int, load_base_weights: bool,
 
 def build_on_meta(cfg: ModelConfig) -> CoresModel:
     """The architecture without memory: for parameter counts and key names of real sizes."""
-    with torch.device("meta"):
-        return build_model(cfg, load_base_weights=False)
+    return build_model(cfg, load_base_weights=False, device="meta")

@@ -128,6 +128,18 @@ def check_image_token(tokenizer: PreTrainedTokenizerBase, source: str | Path) ->
         )
 
 
+def check_image_token_id(llava: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, source: str | Path) -> None:
+    """The id the model replaces with image features must be the tokenizer's ``<image>``: else
+    the first forward fails with a count mismatch of image tokens, or features land on text."""
+    wanted = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    have = int(llava.config.image_token_index)
+    if have != wanted:
+        raise CheckpointError(
+            f"{Path(source) / 'config.json'}: image_token_index is {have} but the tokenizer's {IMAGE_TOKEN} is id {wanted}: "
+            f"set image_token_index to {wanted} (or use the tokenizer saved with these weights)"
+        )
+
+
 def read_tokenizer_dir(source: str | Path) -> PreTrainedTokenizerBase:
     """A tokenizer directory, offline, or a CheckpointError naming it.
 
@@ -296,7 +308,9 @@ def apply_lora(model: LlavaForConditionalGeneration, settings: LoraSettings) -> 
         # peft calls a transformers method that transformers 5 marks as deprecated
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         try:
-            return get_peft_model(model, config)
+            # adapters at the base's dtype (built under the run's default dtype): peft would
+            # otherwise widen them to fp32 for a later cast to bring back
+            return get_peft_model(model, config, autocast_adapter_dtype=False)
         except ValueError as exc:  # peft: no module matches the targets
             raise ConfigError(
                 f"lora.target_modules {list(settings.target_modules)}: no linear layer of the language model has "
