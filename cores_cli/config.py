@@ -178,6 +178,14 @@ class MllmConfig:
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     image_mode: Literal["crop", "pad"] = "crop"
     """How the CLIP input is made square: resize + centre crop (LISA, HF processor) or pad."""
+    image_start_end: bool = False
+    """Wrap the image tokens in ``<im_start>`` … ``<im_end>`` (LLaVA-v0/v1 and LISA's
+    ``mm_use_im_start_end``); the tokenizer must have both as single tokens."""
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    """The vision→language projector of a model built from this config: LLaVA-1.5's two-layer
+    MLP, or LLaVA-v0/v1's single linear layer (held in the MLP's place as the first layer, an
+    identity activation and an identity second layer, so it computes exactly the linear map).
+    A LLaVA directory (``path``) brings its own."""
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
 
@@ -232,6 +240,10 @@ class ChainConfig:
     refiner_init_scale: float = 1e-3
     """Std of the refiner's output projection at init: near identity, yet every refiner
     weight gets a gradient from the first step."""
+    hidden_at: Literal["token", "predicting"] = "token"
+    """Where a chain token's hidden state is read: at the token itself (cores), or at the
+    position before it, whose output predicts the token (LISA and the official CoReS code;
+    set for imported LISA checkpoints)."""
 
     def __post_init__(self) -> None:
         if self.depth not in (1, 2, 3):
@@ -273,6 +285,9 @@ class PromptConfig:
     """Token budget excluding image tokens; exemplars are dropped first, then the query shortened."""
     answer_template: int = 0
     """Which answer phrasing eval and predict use (training samples all of them)."""
+    template: Literal["cores", "lisa"] = "cores"
+    """Question and answer wording: cores's, or LISA's exactly (its ``validate()`` questions
+    with the space after the image line, and ``[SEG].`` as the eval answer)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.in_context_k <= MAX_IN_CONTEXT_K:
@@ -318,6 +333,8 @@ class ModelConfig:
         # the token refiner attends over SAM prompt embeddings
         if self.sam.prompt_embed_dim % self.chain.refiner_heads:
             raise FieldError("chain.refiner_heads", f"must divide sam.prompt_embed_dim ({self.sam.prompt_embed_dim}), got {self.chain.refiner_heads}")
+        if self.prompt.template == "lisa" and self.chain.tokens != ("[SEG]",):
+            raise FieldError("prompt.template", f"'lisa' has answers for the [SEG] chain only; set chain.depth=1 (the chain is {' '.join(self.chain.tokens)})")
 
 
 EXTRA_TRAINABLE = ("sam_image_encoder", "sam_prompt_encoder", "vision_tower", "mm_projector", "llm")

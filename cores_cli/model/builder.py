@@ -12,8 +12,10 @@ from .mllm import (
     IMAGE_TOKEN,
     add_chain_tokens,
     apply_lora,
+    IMAGE_WRAP_TOKENS,
     build_llava,
     check_image_token_id,
+    check_single_tokens,
     fit_vocabulary,
     load_llava,
     load_tokenizer,
@@ -45,6 +47,8 @@ def build_model(
     ``tokenizer`` lets a checkpoint supply its saved tokenizer.
     """
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.mllm)
+    if cfg.mllm.image_start_end:
+        check_single_tokens(tok, IMAGE_WRAP_TOKENS, cfg.mllm.tokenizer or cfg.mllm.path or "the checkpoint", "mllm.image_start_end")
     base_vocab = len(tok)
     chain_ids = add_chain_tokens(tok)
 

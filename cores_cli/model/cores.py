@@ -160,8 +160,10 @@ class CoresModel(nn.Module):
         return result
 
     def chain_embeddings(self, hidden: torch.Tensor, positions: list[list[list[int]]]) -> torch.Tensor:
-        """Gather hidden states at the chain tokens and project: → (N, T_tokens, C)."""
-        rows = [hidden[b, torch.tensor(chain, device=hidden.device)] for b, chains in enumerate(positions) for chain in chains]
+        """Gather hidden states at the chain tokens (or, with ``chain.hidden_at: predicting``, at
+        the positions just before them, whose outputs predict them) and project: → (N, T_tokens, C)."""
+        shift = 1 if self.cfg.chain.hidden_at == "predicting" else 0
+        rows = [hidden[b, torch.tensor(chain, device=hidden.device) - shift] for b, chains in enumerate(positions) for chain in chains]
         return self.projector(torch.stack(rows))
 
     def forward(self, batch: Batch, compute_loss: bool = True) -> CoresOutput:

@@ -35,6 +35,8 @@ from ..config import CHAIN_TOKENS, LoraSettings, MllmConfig
 from ..errors import CheckpointError, ConfigError
 
 IMAGE_TOKEN = "<image>"
+IMAGE_WRAP_TOKENS = ("<im_start>", "<im_end>")
+"""What LLaVA-v0/v1 and LISA put around the image tokens (``mllm.image_start_end``)."""
 TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
 TINY_VOCAB_SIZE = 2048
 
@@ -140,6 +142,17 @@ def check_image_token_id(llava: LlavaForConditionalGeneration, tokenizer: PreTra
         )
 
 
+def check_single_tokens(tokenizer: PreTrainedTokenizerBase, tokens: tuple[str, ...], source: str | Path, why: str) -> None:
+    """Each of ``tokens`` is one id of the tokenizer, else a CheckpointError naming the first missing."""
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        if token not in vocab or len(tokenizer.encode(token, add_special_tokens=False)) != 1:
+            raise CheckpointError(
+                f"the tokenizer in {source} has no {token} token, which {why} needs: add it with "
+                f"tokenizer.add_tokens(['{token}'], special_tokens=True) and save_pretrained, or turn the setting off"
+            )
+
+
 def read_tokenizer_dir(source: str | Path) -> PreTrainedTokenizerBase:
     """A tokenizer directory, offline, or a CheckpointError naming it.
 
@@ -203,10 +216,14 @@ def llava_config(cfg: MllmConfig, vocab_size: int, image_token_index: int, pad_t
         image_token_index=image_token_index,
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        projector_hidden_act="gelu",
+        projector_hidden_act=PROJECTOR_ACTIVATION[cfg.projector],
         image_seq_length=cfg.num_image_tokens,
         tie_word_embeddings=False,
     )
+
+
+PROJECTOR_ACTIVATION = {"mlp2x_gelu": "gelu", "linear": "linear"}
+"""transformers' activation between the projector's two layers; ``linear`` is the identity."""
 
 
 def build_llava(cfg: MllmConfig, base_vocab_size: int, image_token_index: int, pad_token_id: int | None = None) -> LlavaForConditionalGeneration:
@@ -214,7 +231,19 @@ def build_llava(cfg: MllmConfig, base_vocab_size: int, image_token_index: int, p
     vocab = cfg.text.vocab_size or base_vocab_size
     model = LlavaForConditionalGeneration(llava_config(cfg, vocab, image_token_index, pad_token_id))
     model.config._attn_implementation = "sdpa"
+    if cfg.projector == "linear":
+        make_identity(model.model.multi_modal_projector.linear_2)
     return model
+
+
+def make_identity(layer: torch.nn.Linear) -> None:
+    """``layer`` computes x exactly: the second layer of a linear (v0/v1) projector."""
+    if layer.in_features != layer.out_features:
+        raise ValueError(f"an identity layer must be square, got {layer.in_features}→{layer.out_features}")
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device))
+        if layer.bias is not None:
+            layer.bias.zero_()
 
 
 def load_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:

@@ -22,13 +22,19 @@ from ..contexts import Exemplar
 from ..data.records import QueryStyle
 from ..errors import CoresError
 from ..ignore_values import IGNORE_INDEX
-from ..model.mllm import IMAGE_TOKEN
+from ..model.mllm import IMAGE_TOKEN, IMAGE_WRAP_TOKENS
 
 if TYPE_CHECKING:
     from ..model.cores import CoresModel
 
 SHORT_QUESTION = "What is {query} in this image? Please output segmentation mask."
 LONG_QUESTION = "{query} Please output segmentation mask."
+
+IMAGE_START, IMAGE_END = IMAGE_WRAP_TOKENS
+
+LISA_ANSWERS = ("[SEG].", "It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].")
+"""LISA's answers: its ``validate()`` teacher-forces ``[SEG].`` (index 0, what eval and predict
+use); training samples among all five (its ANSWER_LIST)."""
 
 # Answer phrasings per chain. Index 0 is the fixed phrasing of eval and predict; training
 # samples among all (docs/ARCHITECTURE.md). The depth-2/3 wording follows the exemplars' rendering.
@@ -54,12 +60,17 @@ ANSWER_TEMPLATES: dict[tuple[str, ...], tuple[str, ...]] = {
 }
 
 
-def answer_template(chain: ChainConfig, index: int) -> str:
-    templates = ANSWER_TEMPLATES[chain.tokens]
-    return templates[index % len(templates)]
+def answers_for(chain: ChainConfig, template: str = "cores") -> tuple[str, ...]:
+    """The answer phrasings of a chain under a prompt template (index 0: eval and predict)."""
+    if template == "lisa":
+        return LISA_ANSWERS
+    return ANSWER_TEMPLATES[chain.tokens]
 
 
-def format_question(query: str, style: QueryStyle) -> str:
+def format_question(query: str, style: QueryStyle, template: str = "cores") -> str:
+    if template == "lisa":
+        # LISA's validate(): the text as given, after a space that follows the image line
+        return " " + (SHORT_QUESTION if style == "phrase" else LONG_QUESTION).format(query=query)
     query = " ".join(query.split())
     if style == "phrase":
         return SHORT_QUESTION.format(query=query)
@@ -81,7 +92,9 @@ class Round:
 
 
 def render(system: str, exemplars: list[tuple[str, str]], rounds: list[Round], image_token: str) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation text and the character spans of the supervised answers (+ ``</s>``)."""
+    """The conversation text and the character spans of the supervised answers (+ ``</s>``).
+    ``image_token`` is the text that stands for the image (``<image>``, or it wrapped in
+    ``<im_start>`` … ``<im_end>``)."""
     text = system + " "
     spans: list[tuple[int, int]] = []
     for q, a in exemplars:
@@ -118,12 +131,19 @@ class ConversationEncoder:
     chain: ChainConfig
     image_token: str
     num_image_tokens: int
+    image_start_end: bool = False
 
     @classmethod
     def for_model(cls, model: CoresModel) -> ConversationEncoder:
         """The encoder of ``model``: its tokenizer, prompt and chain settings, and as many
         image tokens as its vision tower gives."""
-        return cls(model.tokenizer, model.cfg.prompt, model.cfg.chain, IMAGE_TOKEN, model.num_image_tokens)
+        cfg = model.cfg
+        return cls(model.tokenizer, cfg.prompt, cfg.chain, IMAGE_TOKEN, model.num_image_tokens, cfg.mllm.image_start_end)
+
+    @property
+    def image_text(self) -> str:
+        """What stands for the image in the conversation text."""
+        return f"{IMAGE_START}{self.image_token}{IMAGE_END}" if self.image_start_end else self.image_token
 
     @property
     def image_token_id(self) -> int:
@@ -170,7 +190,7 @@ class ConversationEncoder:
             if len(answers) != len(questions):
                 raise ValueError("one answer per question is needed")
             rounds = [Round(q, a) for q, a in zip(questions, answers)]
-        text, spans = render(system_text(self.prompt), exemplars, rounds, self.image_token)
+        text, spans = render(system_text(self.prompt), exemplars, rounds, self.image_text)
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
         ids: list[int] = enc["input_ids"]
         labels = [IGNORE_INDEX] * len(ids)
@@ -187,9 +207,9 @@ class ConversationEncoder:
         return Encoded(ids, labels, len(exemplars), False, text)
 
 
-def pick_answers(chain: ChainConfig, n_rounds: int, rng: random.Random | None, fixed_index: int) -> list[str]:
+def pick_answers(chain: ChainConfig, n_rounds: int, rng: random.Random | None, fixed_index: int, template: str = "cores") -> list[str]:
     """Training draws a phrasing per round; eval and predict use the fixed one."""
-    templates = ANSWER_TEMPLATES[chain.tokens]
+    templates = answers_for(chain, template)
     if rng is None:
         return [templates[fixed_index % len(templates)]] * n_rounds
     return [rng.choice(templates) for _ in range(n_rounds)]

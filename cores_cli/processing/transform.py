@@ -279,8 +279,9 @@ class SampleTransform:
         """One conversation asking ``queries`` (text, style) about ``image``, without targets.
         ``generate`` ends the text where the model's answer begins."""
         cfg = self.cfg
-        questions = [format_question(text, style) for text, style in queries]
-        answers = None if generate else pick_answers(cfg.chain, len(questions), self.rng, cfg.prompt.answer_template)
+        template = cfg.prompt.template
+        questions = [format_question(text, style, template) for text, style in queries]
+        answers = None if generate else pick_answers(cfg.chain, len(questions), self.rng, cfg.prompt.answer_template, template)
         k = cfg.prompt.in_context_k
         exemplars = []
         if self.sampler is not None and k > 0:
