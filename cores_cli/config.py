@@ -416,7 +416,17 @@ def llava_15_13b() -> ModelConfig:
     return ModelConfig(preset="llava-1.5-13b", sam=sam_vit_h(), mllm=MllmConfig(text=text))
 
 
-PRESETS = {"tiny": tiny, "llava-1.5-7b": llava_15_7b, "llava-1.5-13b": llava_15_13b}
+def llava_7b_v0() -> ModelConfig:
+    """LLaVA-7B-v0, the paper's 7B setting (§4.1, Tables 1-5, S1, S2): Vicuna-7B v0 (LLaMA-1:
+    2048 positions, RMSNorm eps 1e-6), CLIP ViT-L/14 at 224 px (256 image tokens between
+    <im_start> and <im_end>), a linear projector. ``cores import`` makes its HF directory."""
+    text = TextArch(max_position_embeddings=2048, rms_norm_eps=1e-6)
+    vision = VisionArch(image_size=224)
+    mllm = MllmConfig(text=text, vision=vision, image_token_index=None, image_start_end=True, projector="linear")
+    return ModelConfig(preset="llava-7b-v0", sam=sam_vit_h(), mllm=mllm)
+
+
+PRESETS = {"tiny": tiny, "llava-1.5-7b": llava_15_7b, "llava-1.5-13b": llava_15_13b, "llava-7b-v0": llava_7b_v0}
 
 
 def preset(name: str) -> ModelConfig:

@@ -58,16 +58,49 @@ def load_benchmark(name: str):
     return module
 
 
-def invoke_predict(*args, input=None):
-    """``cores predict ARGS`` in this process; an unexpected exception is raised, not hidden."""
+def invoke_cli(*args, input=None):
+    """``cores ARGS`` in this process; an unexpected exception is raised, not hidden."""
     from typer.testing import CliRunner
 
     from cores_cli.cli.app import app
 
-    result = CliRunner().invoke(app, ["predict", *map(str, args)], input=input)
+    result = CliRunner().invoke(app, [*map(str, args)], input=input)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
+
+
+def invoke_predict(*args, input=None):
+    """``cores predict ARGS`` in this process; an unexpected exception is raised, not hidden."""
+    return invoke_cli("predict", *args, input=input)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A Hugging Face cache laid out as huggingface_hub lays it out, offline (HF_HUB_OFFLINE=1):
+    ``offline_hub(repo_id, directory)`` puts a copy of ``directory`` there as the repo's main."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    # huggingface_hub reads its environment once, on import
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+
+    def put(repo_id: str, directory: Path, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(directory, snapshot)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return snapshot
+
+    return put
 
 
 def error_lines(result) -> list[str]:
@@ -98,6 +131,25 @@ def tiny_config(*overrides: str) -> ModelConfig:
     """The tiny preset, with ``a.b=c`` overrides; in-context exemplars off unless asked for,
     so tests do not depend on the shipped library's contents."""
     return apply_overrides(tiny(), ["prompt.in_context_k=0", *overrides])
+
+
+def tiny_recipe(run_dir, *overrides: str):
+    """The tiny-synthetic recipe made small for a test run in this process: CPU, 4 scenes, no
+    workers, no TensorBoard, then ``overrides``."""
+    from cores_cli.engine.train_config import load_recipe
+
+    return load_recipe(
+        "tiny-synthetic",
+        [
+            "train.device=cpu",
+            f"train.run_dir={run_dir}",
+            "data.num_workers=0",
+            "data.mixture.synthetic.options={n: 4}",
+            "data.val.options={n: 4}",
+            "train.tensorboard=false",
+            *overrides,
+        ],
+    )
 
 
 def build_tiny(*overrides: str, seed: int = 0):

@@ -754,7 +754,8 @@ def lisa_reference_forward(
     (answer ``[SEG].``), fp32, from the LISA definition (see module doc). ``question`` is the
     object text (sentence or phrase), not the full prompt."""
     lisa_dir = Path(fixture_or_dir.path if isinstance(fixture_or_dir, LisaFixture) else fixture_or_dir)
-    key = (str(lisa_dir.resolve()), str(Path(clip_dir).resolve()))
+    stamps = tuple(f.stat().st_mtime_ns for f in sorted(lisa_dir.glob("*.index.json")))
+    key = (str(lisa_dir.resolve()), str(Path(clip_dir).resolve()), stamps)
     if key not in _REF_CACHE:
         _REF_CACHE.clear()
         _REF_CACHE[key] = _load_lisa_modules(lisa_dir, Path(clip_dir))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 
@@ -181,30 +180,17 @@ def test_tab_completion_lists_the_api_before_it_is_loaded():
     assert out.stdout.strip() == "['Result', 'Segmenter', 'load'] False"
 
 
-def test_load_reads_a_checkpoint_from_an_offline_hub_cache(tmp_path, monkeypatch):
+def test_load_reads_a_checkpoint_from_an_offline_hub_cache(offline_hub):
     """``load("org/name")`` finds the repository as huggingface_hub lays out its cache."""
     from cores_cli.bundled import embedded_checkpoint
 
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--someone--cores-tiny"
-    shutil.copytree(embedded_checkpoint(), repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    import huggingface_hub.constants as hub_constants
-
-    # huggingface_hub reads its environment once, on import
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    offline_hub("someone/cores-tiny", embedded_checkpoint())
     hub = cores_cli.load("someone/cores-tiny", device="cpu")
     assert hub.source == "someone/cores-tiny"
     shipped = cores_cli.load(device="cpu")
     image = cores_cli.example_image()
     assert np.array_equal(hub.predict(image, "the wheel").mask, shipped.predict(image, "the wheel").mask)
-    with pytest.raises(CoresError, match=r"no directory 'someone/other' here, and the Hub repository someone/other is not in the cache while offline"):
+    with pytest.raises(CoresError, match=r"no directory 'someone/other' here, and the Hub repository someone/other is not in the cache \(.*hf/hub\) while offline"):
         cores_cli.load("someone/other", device="cpu")
 
 

@@ -12,7 +12,9 @@ from cores_cli.errors import ConfigError
 
 
 def test_presets_exist_with_their_defining_numbers():
-    assert set(PRESETS) == {"tiny", "llava-1.5-7b", "llava-1.5-13b"}
+    assert set(PRESETS) == {"tiny", "llava-1.5-7b", "llava-1.5-13b", "llava-7b-v0"}
+    v0 = preset("llava-7b-v0").mllm
+    assert (v0.num_image_tokens, v0.projector, v0.image_start_end, v0.text.rms_norm_eps) == (256, "linear", True, 1e-6)
     seven = preset("llava-1.5-7b")
     assert seven.sam.encoder_embed_dim == 1280 and seven.sam.image_size == 1024
     assert seven.mllm.text.hidden_size == 4096 and seven.mllm.num_image_tokens == 576

@@ -64,9 +64,25 @@ def test_a_lisa_prompt_reads_exactly_as_lisas_validate_builds_it():
 
 
 def test_image_start_end_without_those_tokens_fails_at_build_time_in_one_line():
+    tok = build_tiny_tokenizer()  # a tokenizer given (as a checkpoint's or a directory's is) is not changed
     with pytest.raises(CheckpointError, match=r"no <im_start> token, which mllm.image_start_end needs") as err:
-        build_model(tiny_config("mllm.image_start_end=true"))
+        build_model(tiny_config("mllm.image_start_end=true"), tokenizer=tok)
     assert "\n" not in str(err.value)
+
+
+def test_a_random_weights_model_adds_the_wrap_tokens_to_its_built_in_tokenizer():
+    model = build_model(tiny_config("mllm.image_start_end=true"))
+    assert all(len(model.tokenizer.encode(t, add_special_tokens=False)) == 1 for t in ("<im_start>", "<im_end>"))
+
+
+def test_the_v0_preset_builds_at_full_size_on_meta():
+    from cores_cli.config import preset
+    from cores_cli.model.builder import build_on_meta
+
+    model = build_on_meta(preset("llava-7b-v0"))
+    assert model.num_image_tokens == 256 and model.clip_size == 224
+    assert model.llava.config.projector_hidden_act == "linear"
+    assert model.llava.config.text_config.max_position_embeddings == 2048
 
 
 def test_a_model_with_image_start_end_runs_and_puts_the_wrap_tokens_around_the_image():

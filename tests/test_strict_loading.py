@@ -271,3 +271,17 @@ def test_predict_with_a_sam_pth_of_another_variant_is_one_error_line(tmp_path):
     assert result.exit_code != 0
     lines = error_lines(result)
     assert len(lines) == 1 and str(pth) in lines[0] and "configure vit_b with --set sam.encoder_embed_dim=768" in lines[0], result.stderr
+
+
+def test_mllm_path_takes_a_hub_id_from_an_offline_cache_and_keeps_the_id(llava_dir, offline_hub):
+    offline_hub("someone/llava-tiny", llava_dir)
+    cfg = tiny()
+    torch.manual_seed(0)  # the rows added for the chain tokens are drawn at random
+    model = build_model(replace(cfg, mllm=replace(cfg.mllm, path="someone/llava-tiny")))
+    torch.manual_seed(0)
+    local = build_model(replace(cfg, mllm=replace(cfg.mllm, path=str(llava_dir))))
+    assert model.cfg.mllm.path == "someone/llava-tiny"  # what a checkpoint will record
+    for (name, a), (_, b) in zip(model.llava.state_dict().items(), local.llava.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(CoresError, match=r"mllm.path not found: .*someone/absent.* not in the cache"):
+        build_model(replace(cfg, mllm=replace(cfg.mllm, path="someone/absent")))

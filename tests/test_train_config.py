@@ -36,13 +36,21 @@ def test_shipped_recipes_load_by_name_and_by_path():
     assert load_recipe(path) == tiny
 
 
-def test_the_paper_recipe_trains_exactly_the_papers_parts():
+@pytest.mark.parametrize("name", ["cores-7b", "cores-7b-v0"])
+def test_the_paper_recipes_train_exactly_the_papers_parts(name):
     from cores_cli.model.builder import build_on_meta
     from cores_cli.model.cores import TRAINABLE_GROUPS
 
-    model = build_on_meta(load_recipe("cores-7b").model)
+    model = build_on_meta(load_recipe(name).model)
     trainable = {g for g, ps in model.parameter_groups().items() if any(p.requires_grad for _, p in ps)}
     assert trainable == set(TRAINABLE_GROUPS)
+
+
+def test_the_v0_recipe_is_the_7b_recipe_on_llava_7b_v0():
+    v0, v15 = load_recipe("cores-7b-v0"), load_recipe("cores-7b")
+    assert v0.model.preset == "llava-7b-v0" and v0.model.mllm.num_image_tokens == 256 and v0.model.mllm.image_start_end
+    assert (v0.model.chain, v0.model.lora, v0.model.loss, v0.data) == (v15.model.chain, v15.model.lora, v15.model.loss, v15.data)
+    assert v0.train.run_dir == "runs/cores-7b-v0" and v0.train.steps == v15.train.steps
 
 
 def test_overrides_are_typed_and_bad_keys_are_named():

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import in_process_training
+from conftest import in_process_training, tiny_recipe
 
 from cores_cli.engine.checkpoint import load_checkpoint, read_checkpoint_config
-from cores_cli.engine.train_config import load_recipe
 from cores_cli.engine.train_state import find_resume_checkpoint, prune, read_train_state
 from cores_cli.engine.trainer import run_training
 from cores_cli.errors import CoresError
@@ -20,21 +19,6 @@ from cores_cli.errors import CoresError
 def process_group():
     with in_process_training():
         yield
-
-
-def tiny_recipe(run_dir, *overrides):
-    return load_recipe(
-        "tiny-synthetic",
-        [
-            "train.device=cpu",
-            f"train.run_dir={run_dir}",
-            "data.num_workers=0",
-            "data.mixture.synthetic.options={n: 4}",
-            "data.val.options={n: 4}",
-            "train.tensorboard=false",
-            *overrides,
-        ],
-    )
 
 
 def metrics(run_dir):

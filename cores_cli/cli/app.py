@@ -8,6 +8,7 @@ from .. import __version__
 from .build_context import build_context
 from .evaluate import evaluate
 from .export import export
+from .import_cmd import import_source
 from .make_reasonpart import make_reasonpart
 from .predict import predict
 from .train import train
@@ -27,6 +28,7 @@ app.command("eval")(evaluate)
 app.command("predict")(predict)
 app.command("make-reasonpart")(make_reasonpart)
 app.command("export")(export)
+app.command("import")(import_source)
 
 
 def _version(value: bool) -> None:

@@ -40,7 +40,7 @@ def _reader_options(opts: list[str], queries: str | None) -> dict:
 def evaluate(
     dataset: str = typer.Option(..., "--dataset", "-d", help="reasonseg:val, reasonseg:test:short|long, refcoco:unc:val, refcocog:umd:test, partimagenet:val, pascalpart:val, synthetic:val, reasonpart:DIR (the --out of make-reasonpart), ..."),
     data_root: Path = typer.Option(None, "--data-root", help="Folder holding the datasets in LISA's layout (not needed for synthetic:*)."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory, or a cores train run directory (its checkpoints/best, else the latest step), or a Hugging Face Hub id (org/name or org/name@revision) holding one; default: the tiny model shipped with cores, trained on the synthetic benchmark."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", "-c", help="A cores checkpoint directory, or a cores train run directory (its checkpoints/best, else the latest step), or a Hugging Face Hub id (org/name or org/name@revision) holding one (LISA and original LLaVA weights: convert them once with `cores import`); default: the tiny model shipped with cores, trained on the synthetic benchmark."),
     preset: str = typer.Option(None, "--preset", help="Evaluate a preset with RANDOM weights (a smoke run of the protocol)."),
     set_: list[str] = typer.Option([], "--set", help="Override a model setting, e.g. --set prompt.in_context_k=0 (repeatable)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass (teacher-forced mode)."),

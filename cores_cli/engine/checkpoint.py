@@ -32,7 +32,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_directory
 from ..model.builder import build_model
 from ..model.cores import TRAINABLE_GROUPS, CoresModel, _group_of
-from ..model.mllm import lora_target_regex, read_tokenizer_dir
+from ..model.mllm import lora_target_regex, not_hf_llava_hint, read_tokenizer_dir
 
 FORMAT = "cores-checkpoint"
 FORMAT_VERSION = 1
@@ -99,13 +99,8 @@ def save_checkpoint(model: CoresModel, path: str | Path, extra: dict | None = No
     dest = Path(path)
     state = model.state_dict()
     with atomic_directory(dest) as tmp:
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "cores_version": __version__, "model": to_dict(model.cfg)}
-        if extra:
-            meta["extra"] = extra
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
         tensors = {ck: state[mk].detach().to("cpu").contiguous() for ck, mk in _stored_keys(model).items()}
-        save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": FORMAT})
+        write_checkpoint_files(tmp, model.cfg, model.tokenizer, tensors, extra)
         if isinstance(model.mllm, PeftModel):
             adapter = tmp / "adapter"
             adapter.mkdir()
@@ -113,6 +108,24 @@ def save_checkpoint(model: CoresModel, path: str | Path, extra: dict | None = No
             lora = get_peft_model_state_dict(model.mllm, save_embedding_layers=False)
             save_file({k: v.detach().to("cpu").contiguous() for k, v in lora.items()}, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
     return dest
+
+
+def write_checkpoint_files(folder: Path, cfg: ModelConfig, tokenizer, tensors: dict[str, torch.Tensor], extra: dict | None = None) -> None:
+    """config.json, tokenizer/ and weights.safetensors of a checkpoint, into ``folder`` (which
+    the caller makes atomic); ``tensors`` are keyed by checkpoint names."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "cores_version": __version__, "model": to_dict(cfg)}
+    if extra:
+        meta["extra"] = extra
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    save_file(tensors, str(folder / "weights.safetensors"), metadata={"format": FORMAT})
+
+
+def stored_shapes(model: CoresModel) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name → shape of every tensor ``weights.safetensors`` must hold for ``model``
+    (works on a model built on ``meta``)."""
+    state = model.state_dict()
+    return {ck: tuple(state[mk].shape) for ck, mk in _stored_keys(model).items()}
 
 
 def read_checkpoint_config(path: str | Path) -> ModelConfig:
@@ -129,7 +142,8 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_file} is not a cores checkpoint config (format must be {FORMAT!r})")
+        hint = not_hf_llava_hint(p)
+        raise CheckpointError(hint or f"{cfg_file} is not a cores checkpoint config (format must be {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p}: checkpoint format version {meta.get('format_version')!r}, this cores reads {FORMAT_VERSION}")
     try:
@@ -244,6 +258,54 @@ def load_checkpoint(
     if report.missing and not allow_missing:
         raise CheckpointError(f"checkpoint is incomplete: {report.summary()}")
     return model, report
+
+
+@dataclass
+class InitReport:
+    """What ``load_initial_weights`` took from a checkpoint."""
+
+    path: str
+    loaded: int
+    skipped: list[str]
+    """Checkpoint tensors not taken: another shape, or chain-token rows for other token ids."""
+
+    def summary(self) -> str:
+        text = f"initialised from {self.path}: {self.loaded} tensors"
+        if self.skipped:
+            text += f"; {len(self.skipped)} not taken (another shape or meaning), e.g. {self.skipped[0]}"
+        return text
+
+
+def load_initial_weights(model: CoresModel, path: str | Path, required: tuple[str, ...] = ()) -> InitReport:
+    """Start a new training run from a checkpoint's own weights (``train.init_from``; e.g. an
+    imported LISA: its SAM, β and [SEG] rows): every tensor of ``weights.safetensors`` whose
+    name and shape the model shares is copied in, the rest of the model keeps its
+    initialisation. Chain-token rows are taken only when both mean the same token ids. Every
+    model tensor whose checkpoint name starts with one of ``required`` must come from it (e.g.
+    ``sam.`` when no SAM file is configured)."""
+    p = Path(path)
+    read_checkpoint_config(p)  # a clear error for what is not a cores checkpoint
+    weights = _read_safetensors(p / "weights.safetensors")
+    state = model.state_dict()
+    names = {canonical_name(k): k for k in state if "lora_" not in k}
+    ids = weights.get("token_rows.token_ids")
+    same_tokens = ids is not None and torch.equal(ids.to(state["token_rows.token_ids"].device), state["token_rows.token_ids"])
+    take, skipped = {}, []
+    for ck, tensor in weights.items():
+        mk = names.get(ck)
+        if mk is None:
+            continue
+        if tuple(state[mk].shape) != tuple(tensor.shape) or (ck.startswith("token_rows.") and not same_tokens):
+            skipped.append(ck)
+            continue
+        take[mk] = tensor
+    if not take:
+        raise CheckpointError(f"train.init_from {p}: no tensor of it fits this model (names or shapes all differ)")
+    lacking = sorted(ck for ck, mk in names.items() if ck.startswith(required) and mk not in take)
+    if lacking:
+        raise CheckpointError(f"train.init_from {p} lacks {len(lacking)} tensor(s) the model needs from it, e.g. {lacking[0]}: set model.sam.checkpoint to SAM's .pth")
+    model.load_state_dict(take, strict=False)
+    return InitReport(str(p), len(take), sorted(skipped))
 
 
 def _load_adapter(model: CoresModel, adapter: Path, report: CheckpointReport) -> None:

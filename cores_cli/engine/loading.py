@@ -3,8 +3,6 @@ Hub id), or a preset's random weights."""
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +14,7 @@ from ..config import load_model_config
 from ..configio import apply_overrides
 from ..contexts import ExemplarSampler, load_library
 from ..errors import CoresError
+from ..hub import local_or_hub
 from ..model.builder import build_model
 from ..model.cores import CoresModel
 from ..model.precision import cast_for_run
@@ -23,16 +22,6 @@ from .checkpoint import CheckpointReport, load_checkpoint, read_checkpoint_confi
 
 if TYPE_CHECKING:
     from .predictor import Predictor
-
-
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
-
-
-def looks_like_hub_id(ref: str) -> bool:
-    """``org/name`` or ``org/name@revision``: two path parts, nothing that only a path has."""
-    return bool(_HUB_ID.match(ref)) and ".." not in ref
 
 
 def is_training_run(path: Path) -> bool:
@@ -64,29 +53,9 @@ def resolve_checkpoint(ref: str | Path) -> Path:
     ``HF_HUB_OFFLINE=1`` honoured, a token read from the environment only). A path that exists
     nowhere is returned as given, for the loader to name it."""
     path = Path(ref)
-    text = os.fspath(ref)
     if is_training_run(path):
         return checkpoint_of_run(path)
-    if path.exists() or not looks_like_hub_id(text):
-        return path
-    repo_id, _, revision = text.partition("@")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-        )
-    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
-        raise CoresError(f"checkpoint not found: {text} (no such directory, and huggingface_hub is not installed to look it up on the Hub)") from None
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, token=os.environ.get("HF_TOKEN") or None))
-    except LocalEntryNotFoundError:
-        raise CoresError(f"checkpoint not found: no directory {text!r} here, and the Hub repository {repo_id}{'@' + revision if revision else ''} is not in the cache while offline (HF_HUB_OFFLINE or no network)") from None
-    except RepositoryNotFoundError:
-        raise CoresError(f"checkpoint not found: no directory {text!r} here, and no Hub repository {repo_id} (or it is private: set HF_TOKEN)") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise CoresError(f"checkpoint {text}: could not fetch it from the Hub: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return local_or_hub(ref, "checkpoint")
 
 
 @dataclass

@@ -119,7 +119,12 @@ class TrainConfig:
     """Folder for cached SAM image embeddings (frozen image encoder only); None = off."""
     require_pretrained: bool = True
     """Refuse to start without ``model.mllm.path`` and ``model.sam.checkpoint`` (a random-weight
-    7B run is always a mistake); the tiny recipes set it false."""
+    7B run is always a mistake); the tiny recipes set it false. SAM may come from
+    ``init_from`` instead."""
+    init_from: str | None = None
+    """A cores checkpoint (directory, run directory or Hub id) whose weights a new run starts
+    from where names and shapes match, e.g. an imported LISA (its SAM, β and [SEG] rows); the
+    LLaVA base still comes from ``model.mllm.path``. Ignored when resuming."""
     tensorboard: bool = True
     """Also log to TensorBoard when ``tensorboard`` is installed."""
 

@@ -164,8 +164,8 @@ def _kept_on_resume(line: str, resume_step: int) -> bool:
 def check_recipe(recipe: Recipe) -> None:
     """Mistakes worth catching before anything heavy is loaded."""
     m, t = recipe.model, recipe.train
-    if t.require_pretrained and (not m.mllm.path or not m.sam.checkpoint):
-        missing = " and ".join(k for k, v in (("model.mllm.path", m.mllm.path), ("model.sam.checkpoint", m.sam.checkpoint)) if not v)
+    if t.require_pretrained and (not m.mllm.path or not (m.sam.checkpoint or t.init_from)):
+        missing = " and ".join(k for k, v in (("model.mllm.path", m.mllm.path), ("model.sam.checkpoint", m.sam.checkpoint or t.init_from)) if not v)
         raise CoresError(
             f"this recipe fine-tunes pretrained LLaVA and SAM weights: set {missing} "
             "(or train.require_pretrained=false to start from random weights)"
@@ -328,6 +328,12 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
             raise CoresError(f"{resume_from} is at step {saved_state[0].step}, past train.steps={cfg.steps}; raise train.steps to continue")
 
     model = _build_model(recipe, resume_from, dtype, device)
+    if cfg.init_from and resume_from is None:
+        from .checkpoint import load_initial_weights
+        from .loading import resolve_checkpoint
+
+        required = () if recipe.model.sam.checkpoint else ("sam.",)
+        reporter.message(load_initial_weights(model, resolve_checkpoint(cfg.init_from), required).summary())
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen embeddings (no input grads needed)
         model.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

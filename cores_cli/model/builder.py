@@ -6,7 +6,8 @@ import contextlib
 
 import torch
 
-from ..config import CHAIN_TOKENS, ModelConfig
+from ..config import CHAIN_TOKENS, ModelConfig, replace
+from ..hub import local_or_hub
 from .cores import CoresModel
 from .mllm import (
     IMAGE_TOKEN,
@@ -44,11 +45,17 @@ def build_model(
     ``load_base_weights`` False skips the SAM ``.pth`` and LLaVA directory weights (the
     architecture is still taken from the directory's config when ``mllm.path`` is set); used
     when building on ``meta`` or before loading a checkpoint that carries them.
-    ``tokenizer`` lets a checkpoint supply its saved tokenizer.
+    ``tokenizer`` lets a checkpoint supply its saved tokenizer. ``mllm.path`` and
+    ``mllm.tokenizer`` may be Hugging Face Hub ids (read from its cache, fetched when online);
+    the model keeps the ids in its config, so a checkpoint stays portable.
     """
-    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.mllm)
+    local = _local_mllm_paths(cfg)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(local.mllm)
     if cfg.mllm.image_start_end:
-        check_single_tokens(tok, IMAGE_WRAP_TOKENS, cfg.mllm.tokenizer or cfg.mllm.path or "the checkpoint", "mllm.image_start_end")
+        if tokenizer is None and not (local.mllm.tokenizer or local.mllm.path):
+            # the built-in tokenizer of a random-weights model: it learns them like any token
+            tok.add_special_tokens({"additional_special_tokens": list(IMAGE_WRAP_TOKENS)}, replace_extra_special_tokens=False)
+        check_single_tokens(tok, IMAGE_WRAP_TOKENS, local.mllm.tokenizer or local.mllm.path or "the checkpoint", "mllm.image_start_end")
     base_vocab = len(tok)
     chain_ids = add_chain_tokens(tok)
 
@@ -58,15 +65,25 @@ def build_model(
         sam = cast_for_run(build_sam(cfg.sam), dtype)  # fp32 position matrix before loading into it
         if load_base_weights and cfg.sam.checkpoint:
             load_sam_checkpoint(sam, cfg.sam.checkpoint)
-        llava = _base_llava(cfg, tok, base_vocab, load_base_weights, dtype)
-        if cfg.mllm.path:
-            check_image_token_id(llava, tok, cfg.mllm.path)
+        llava = _base_llava(local, tok, base_vocab, load_base_weights, dtype)
+        if local.mllm.path:
+            check_image_token_id(llava, tok, local.mllm.path)
         fit_vocabulary(llava, len(tok))
         rows = ChainTokenRows.from_model([chain_ids[t] for t in CHAIN_TOKENS], llava.get_input_embeddings(), llava.get_output_embeddings())
         mllm = apply_lora(llava, cfg.lora) if cfg.lora.enabled else llava
         model = CoresModel(cfg, sam, mllm, tok, rows)
     # a no-op for what was created at ``dtype``; the rotary frequencies back to fp32 if needed
     return cast_for_run(model, dtype)
+
+
+def _local_mllm_paths(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with Hub ids in ``mllm.path`` / ``mllm.tokenizer`` replaced by their snapshots."""
+    mllm = cfg.mllm
+    path = str(local_or_hub(mllm.path, "mllm.path")) if mllm.path else None
+    tok = str(local_or_hub(mllm.tokenizer, "mllm.tokenizer")) if mllm.tokenizer else None
+    if (path, tok) == (mllm.path, mllm.tokenizer):
+        return cfg
+    return replace(cfg, mllm=replace(mllm, path=path, tokenizer=tok))
 
 
 def _base_llava(cfg: ModelConfig, tok, base_vocab: int, load_base_weights: bool, dtype: torch.dtype):

@@ -13,6 +13,7 @@ into pieces of text (Llama-2 turns the plain text ``"[SEG]"`` into two ids).
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from importlib import resources
@@ -246,6 +247,31 @@ def make_identity(layer: torch.nn.Linear) -> None:
             layer.bias.zero_()
 
 
+def source_format_of(config: dict) -> str | None:
+    """``lisa`` or ``llava`` (liuhaotian's original layout) for the config.json of a directory
+    ``cores import`` converts; None for anything else (an HF LLaVA directory among them)."""
+    if not isinstance(config, dict):
+        return None
+    if "LISAForCausalLM" in (config.get("architectures") or ()) or {"train_mask_decoder", "out_dim"} <= config.keys():
+        return "lisa"
+    if "text_config" not in config and ("mm_vision_tower" in config or "mm_hidden_size" in config):
+        return "llava"
+    return None
+
+
+def not_hf_llava_hint(path: Path) -> str | None:
+    """The fix when ``path`` holds a LISA or original-LLaVA checkpoint rather than an HF one."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    fmt = source_format_of(config)
+    if fmt is None:
+        return None
+    name = "a LISA checkpoint" if fmt == "lisa" else "an original-format LLaVA checkpoint (liuhaotian's layout)"
+    return f"{path} is {name}, not a cores or HF LLaVA directory: convert it once with `cores import {path} OUT`, then use -c OUT"
+
+
 def load_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
     """An HF-format LLaVA directory, offline, strictly: a tensor the config expects but the
     weights lack (which transformers would leave randomly initialised), a tensor the model has
@@ -254,6 +280,9 @@ def load_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaFor
     p = Path(path)
     if not (p / "config.json").is_file():
         raise CheckpointError(f"not an HF LLaVA directory (no config.json): {p}")
+    hint = not_hf_llava_hint(p)
+    if hint is not None:
+        raise CheckpointError(hint)
     # transformers draws its own progress bar and load report on stderr; we report ourselves
     from transformers.utils import logging as hf_logging
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import SAM_PRESETS, SamConfig
 from ..errors import CheckpointError
+from .tensor_files import load_pth
 
 
 def build_sam(cfg: SamConfig) -> Sam:
@@ -104,28 +105,25 @@ def load_state_dict_reported(module: nn.Module, state: dict[str, torch.Tensor], 
     return LoadReport(source, len(state) - len(unexpected), missing, unexpected)
 
 
-def _load_tensors(p: Path) -> dict:
-    """The file's tensors, memory-mapped (no second copy of a 2.5 GB ViT-H file in RAM); files in
-    torch's legacy (pre-zip) format cannot be mapped and are read whole."""
+def read_sam_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an official ``sam_vit_*.pth`` (a plain state dict), read without
+    unpickling code; CheckpointError for a missing, unreadable or non-tensor file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"SAM checkpoint not found: {p}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise
-        return torch.load(p, map_location="cpu", weights_only=True)
+        state = load_pth(p)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"SAM checkpoint {p} could not be read safely: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"SAM checkpoint {p} is not a state dict of tensors")
+    return state
 
 
 def load_sam_checkpoint(sam: Sam, path: str | Path) -> LoadReport:
     """Load an official ``sam_vit_*.pth`` (a plain state dict) without unpickling code."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"SAM checkpoint not found: {p}")
-    try:
-        state = _load_tensors(p)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"SAM checkpoint {p} could not be read safely: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"SAM checkpoint {p} is not a state dict of tensors")
+    state = read_sam_checkpoint(p)
     check_encoder_variant(sam, state, p)
     report = load_state_dict_reported(sam, state, str(p))
     if report.missing:

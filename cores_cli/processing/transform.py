@@ -134,8 +134,8 @@ def _centre_crop_square(pixels: np.ndarray, size: int) -> np.ndarray:
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
         return _resize(pixels[top : top + side, left : left + side], (size, size), Image.BICUBIC)
-    scale = size / min(h, w)
-    nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    # the long side truncated, as CLIPImageProcessor (and so LISA and llava-hf) computes it
+    nh, nw = (size, max(size, int(size * w / h))) if h <= w else (max(size, int(size * h / w)), size)
     resized = _resize(pixels, (nh, nw), Image.BICUBIC)
     top, left = (nh - size) // 2, (nw - size) // 2
     return resized[top : top + size, left : left + size]
