@@ -32,13 +32,23 @@ def import_source(
 
     Example: cores import /models/LLaVA-7B-v0 models/llava-7b-v0 --sam /models/sam_vit_h_4b8939.pth
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers.utils import logging as hf_logging
 
     from ..engine.importing import import_checkpoint
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    report = import_checkpoint(source, out, fmt=fmt, clip=clip, sam=sam, sam_preset=sam_preset, overrides=list(overrides), overwrite=overwrite)
+    columns = (TextColumn("converting {task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(str(source), total=None)
+
+        def tensors_written(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = import_checkpoint(
+            source, out, fmt=fmt, clip=clip, sam=sam, sam_preset=sam_preset, overrides=list(overrides), overwrite=overwrite, progress=tensors_written
+        )
     for line in report.lines():
         err_console.print(line, markup=False, soft_wrap=True, highlight=False)
     stdout_line(str(out))

@@ -256,8 +256,10 @@ def import_checkpoint(
     overrides: list[str] | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
-    """Convert ``src`` into a cores checkpoint at ``out`` (atomically) and say what was done."""
+    """Convert ``src`` into a cores checkpoint at ``out`` (atomically) and say what was done.
+    ``progress(done, total)`` is called as the LLaVA tensors are written (the long part)."""
     src_path = local_or_hub(src, "source checkpoint")
     source = Source.open(src_path, fmt)
     plan = plan_keys(source.weights.keys(), SOURCE_RULES, source.fmt)
@@ -288,7 +290,7 @@ def import_checkpoint(
     with atomic_directory(dest) as tmp:
         llava_dir = tmp / "llava"
         llava_dir.mkdir()
-        report.mapped = _write_llava(llava_dir, source, clip_source, plan, cfg, tokenizer, report)
+        report.mapped = _write_llava(llava_dir, source, clip_source, plan, cfg, tokenizer, report, progress)
         tokenizer.save_pretrained(llava_dir)
         tensors = _cores_tensors(cfg, source, plan, sam_state, tokenizer, seed)
         report.mapped += sum(1 for t, _ in plan.mapped.values() if t in ("sam", "projector"))
@@ -446,7 +448,9 @@ def _vocab_rows(source: Source, tok) -> tuple[int, int]:
     return rows, max(rows, len(tok))
 
 
-def _write_llava(folder: Path, source: Source, clip: ClipSource, plan: KeyPlan, cfg: ModelConfig, tok, report: ImportReport) -> int:
+def _write_llava(
+    folder: Path, source: Source, clip: ClipSource, plan: KeyPlan, cfg: ModelConfig, tok, report: ImportReport, progress: Callable[[int, int], None] | None = None
+) -> int:
     """The HF LLaVA directory: config.json and safetensors shards, written shard by shard."""
     src_rows, rows = _vocab_rows(source, tok)
     hf = llava_config(cfg.mllm, rows, cfg.mllm.image_token_index, tok.pad_token_id)
@@ -484,7 +488,7 @@ def _write_llava(folder: Path, source: Source, clip: ClipSource, plan: KeyPlan, 
         parts = ([f"missing {_named(missing)}"] if missing else []) + ([f"no place for {_named(unexpected)}"] if unexpected else [])
         raise CheckpointError(f"{source.path}: the weights do not make a complete LLaVA ({'; '.join(parts)})")
     hf.save_pretrained(folder)
-    files = _write_shards(folder, expected, makers, lambda name: own.get(name) or from_clip.get(name) or name, source.path)
+    files = _write_shards(folder, expected, makers, lambda name: own.get(name) or from_clip.get(name) or name, source.path, progress)
     if len(files) > 1:
         weight_map = {name: file.name for file, names in files.items() for name in names}
         total = sum(file.stat().st_size for file in files)
@@ -498,6 +502,7 @@ def _write_shards(
     makers: dict[str, Callable[[], torch.Tensor]],
     origin: Callable[[str], str],
     where: Path,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[Path, list[str]]:
     """Safetensors shards of at most SHARD_BYTES, each written and freed as soon as it is full,
     so that no more than one shard of the model is ever in memory; named as transformers names
@@ -512,7 +517,7 @@ def _write_shards(
         written.append((path, list(shard)))
         shard.clear()
 
-    for name in expected:  # the model's own order
+    for done, name in enumerate(expected, start=1):  # the model's own order
         tensor = makers[name]()
         if tuple(tensor.shape) != expected[name]:
             raise CheckpointError(f"{where}: {origin(name)} has shape {tuple(tensor.shape)}, the config makes it {expected[name]}")
@@ -522,6 +527,8 @@ def _write_shards(
             size = 0
         shard[name] = tensor
         size += nbytes
+        if progress is not None:
+            progress(done, len(expected))
     if shard:
         flush()
     n = len(written)
