@@ -27,9 +27,26 @@ def split_hub_id(ref: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-def snapshot(ref: str, what: str) -> Path:
-    """The local snapshot of Hub repository ``ref``, fetched when online. ``what`` names the
-    thing in errors (``checkpoint``, ``mllm.path``, ``CLIP tower``...)."""
+MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.yaml")
+"""What a model directory needs (configs, safetensors weights, tokenizers); a repository's
+other files (TensorFlow/Flax copies of the weights, images, ...) are never downloaded."""
+PICKLE_WEIGHTS = ("*.json", "*.bin")
+"""PyTorch ``.bin`` weights, fetched only for a repository that has no safetensors."""
+
+
+def model_snapshot(ref: str, what: str) -> Path:
+    """A model repository's snapshot: its safetensors weights, or its ``.bin`` ones when it has
+    none (LISA's releases), never both."""
+    path = snapshot(ref, what, MODEL_FILES)
+    if not any(path.rglob("*.safetensors")):
+        path = snapshot(ref, what, PICKLE_WEIGHTS)
+    return path
+
+
+def snapshot(ref: str, what: str, allow_patterns: tuple[str, ...] | None = MODEL_FILES) -> Path:
+    """The local snapshot of Hub repository ``ref``, fetched when online (only the files
+    ``allow_patterns`` match). ``what`` names the thing in errors (``checkpoint``,
+    ``mllm.path``, ``CLIP tower``...)."""
     repo_id, revision = split_hub_id(ref)
     shown = f"{repo_id}@{revision}" if revision else repo_id
     try:
@@ -43,7 +60,10 @@ def snapshot(ref: str, what: str) -> Path:
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
         raise CoresError(f"{what} not found: {ref} (no such directory, and huggingface_hub is not installed to look it up on the Hub)") from None
     try:
-        return Path(snapshot_download(repo_id, revision=revision, token=os.environ.get("HF_TOKEN") or None))
+        # False, not None: huggingface_hub would fall back to a token saved by `hf auth login`
+        token = os.environ.get("HF_TOKEN") or False
+        patterns = list(allow_patterns) if allow_patterns else None
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise CoresError(
             f"{what} not found: no directory {ref!r} here, and the Hub repository {shown} is not in the cache "
@@ -73,4 +93,4 @@ def local_or_hub(ref: str | Path, what: str) -> Path:
     path = Path(ref)
     if path.exists() or not looks_like_hub_id(os.fspath(ref)):
         return path
-    return snapshot(os.fspath(ref), what)
+    return model_snapshot(os.fspath(ref), what)

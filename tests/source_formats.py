@@ -662,17 +662,46 @@ def lisa_prompt(text: str, style: Literal["sentence", "phrase"], *, use_im_start
     return prompt
 
 
-def lisa_tokenize(tokenizer, prompt: str) -> list[int]:
-    """LLaVA's tokenizer_image_token: split on ``<image>``, tokenize each chunk (each gets a BOS),
-    keep the first chunk's BOS only, put IMAGE_TOKEN_INDEX between chunks."""
-    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(IMAGE_TOKEN)]
-    bos = tokenizer.bos_token_id
-    keep_bos = bool(chunks and chunks[0] and chunks[0][0] == bos)
-    ids: list[int] = [bos] if keep_bos else []
+def slow_llama_ids(tok_dir: Path, text: str) -> list[int]:
+    """transformers 4.31's slow ``LlamaTokenizer`` (legacy), which LISA runs (``use_fast=False``),
+    written from its ``tokenize``: the text is split at the added tokens (``added_tokens.json``)
+    and the special tokens; the added tokens were added as plain strings, so the whitespace on both
+    sides of each is stripped (the specials, AddedTokens without lstrip/rstrip, strip nothing);
+    every remaining piece goes to SentencePiece on its own (its dummy prefix included); BOS first.
+    Uses SentencePiece directly, not transformers' conversion, so it checks that conversion too."""
+    import re
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(Path(tok_dir) / "tokenizer.model"))
+    added = json.loads((Path(tok_dir) / "added_tokens.json").read_text())
+    specials = {t: sp.piece_to_id(t) for t in ("<s>", "</s>", "<unk>")}
+    vocab = {**specials, **added}
+    pieces = re.split("(" + "|".join(re.escape(t) for t in sorted(vocab, key=len, reverse=True)) + ")", text)
+    for i, piece in enumerate(pieces):
+        if i % 2 == 1 and piece in added:  # odd indexes are the matched tokens
+            pieces[i - 1] = pieces[i - 1].rstrip()
+            if i + 1 < len(pieces):
+                pieces[i + 1] = pieces[i + 1].lstrip()
+    ids = [specials["<s>"]]
+    for i, piece in enumerate(pieces):
+        if i % 2 == 1:
+            ids.append(vocab[piece])
+        elif piece:
+            ids.extend(sp.encode(piece))
+    return ids
+
+
+def lisa_tokenize(tok_dir: Path, prompt: str) -> list[int]:
+    """LLaVA's ``tokenizer_image_token`` over LISA's tokenizer: the prompt split at ``<image>``,
+    each chunk tokenized on its own (:func:`slow_llama_ids`, each with a BOS), the first chunk's
+    BOS kept only, IMAGE_TOKEN_INDEX between chunks."""
+    chunks = [slow_llama_ids(tok_dir, chunk) for chunk in prompt.split(IMAGE_TOKEN)]
+    ids: list[int] = [chunks[0][0]]
     for i, chunk in enumerate(chunks):
         if i:
             ids.append(IMAGE_TOKEN_INDEX)
-        ids.extend(chunk[1:] if keep_bos and chunk and chunk[0] == bos else chunk)
+        ids.extend(chunk[1:])
     return ids
 
 
@@ -702,12 +731,11 @@ _REF_CACHE: dict = {}
 
 
 def _load_lisa_modules(lisa_dir: Path, clip_dir: Path):
-    """(config, tokenizer, LlamaModel, projector, CLIPVisionModel, fcs, Sam), fp32, eval."""
-    from transformers import AutoTokenizer, CLIPVisionModel, LlamaConfig, LlamaModel
+    """(config, LlamaModel, projector, CLIPVisionModel, fcs, Sam), fp32, eval."""
+    from transformers import CLIPVisionModel, LlamaConfig, LlamaModel
 
     cfg = json.loads((lisa_dir / "config.json").read_text())
     state = {k: v.float() for k, v in read_checkpoint_dir(lisa_dir).items()}
-    tokenizer = AutoTokenizer.from_pretrained(str(lisa_dir), use_fast=True)
     llama_cfg = LlamaConfig(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -736,7 +764,7 @@ def _load_lisa_modules(lisa_dir: Path, clip_dir: Path):
     sam = build_tiny_sam().eval()
     sam.load_state_dict({k[len("model.visual_model.") :]: v for k, v in state.items() if k.startswith("model.visual_model.")})
     clip = CLIPVisionModel.from_pretrained(str(clip_dir)).float().eval()
-    return cfg, tokenizer, llm, projector, clip, fcs, sam
+    return cfg, llm, projector, clip, fcs, sam
 
 
 @torch.no_grad()
@@ -759,11 +787,11 @@ def lisa_reference_forward(
     if key not in _REF_CACHE:
         _REF_CACHE.clear()
         _REF_CACHE[key] = _load_lisa_modules(lisa_dir, Path(clip_dir))
-    cfg, tokenizer, llm, projector, clip, fcs, sam = _REF_CACHE[key]
+    cfg, llm, projector, clip, fcs, sam = _REF_CACHE[key]
 
     prompt = lisa_prompt(question, style, use_im_start_end=cfg.get("mm_use_im_start_end", True))
-    ids = lisa_tokenize(tokenizer, prompt)
-    seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+    ids = lisa_tokenize(lisa_dir, prompt)
+    seg_id = json.loads((lisa_dir / "added_tokens.json").read_text())["[SEG]"]
     if ids.count(IMAGE_TOKEN_INDEX) != 1:
         raise ValueError("the reference handles exactly one image")
 

@@ -166,7 +166,7 @@ def test_a_lisa_13b_style_directory_in_safetensors_with_a_full_clip_model_import
 # ------------------------------------------------------------------------------ original LLaVA
 
 
-@pytest.mark.parametrize("version", ["v0", "v1.5"])
+@pytest.mark.parametrize("version", ["v0", "v1", "v1.5"])
 def test_original_llava_weights_import_with_an_exact_projector(version, sources, tmp_path):
     _, clip, _ = sources
     llava = write_llava_original_dir(tmp_path / "llava-src", version, seed=6, clip_dir=clip)
@@ -177,9 +177,9 @@ def test_original_llava_weights_import_with_an_exact_projector(version, sources,
     src = read_checkpoint_dir(llava.path)
     projector = model.llava.model.multi_modal_projector
     x = torch.randn(2, 3, projector.linear_1.in_features)
-    if version == "v0":
+    if version in ("v0", "v1"):
         reference = x @ src["model.mm_projector.weight"].float().t() + src["model.mm_projector.bias"].float()
-        assert model.cfg.mllm.projector == "linear" and model.cfg.mllm.image_start_end
+        assert model.cfg.mllm.projector == "linear" and model.cfg.mllm.image_start_end == (version == "v0")
     else:
         hidden = torch.nn.functional.gelu(x @ src["model.mm_projector.0.weight"].float().t() + src["model.mm_projector.0.bias"].float())
         reference = hidden @ src["model.mm_projector.2.weight"].float().t() + src["model.mm_projector.2.bias"].float()
@@ -391,7 +391,7 @@ def test_predict_and_import_take_hub_ids_from_an_offline_cache(sources, imported
     assert "not in the cache" in line and "HF_HUB_OFFLINE" in line
 
 
-def test_a_large_model_is_written_in_shards_one_at_a_time(sources, imported, tmp_path, monkeypatch):
+def test_a_large_model_is_written_in_several_shards_equal_to_one(sources, imported, tmp_path, monkeypatch):
     import cores_cli.engine.importing as importing
 
     _, _, lisa = sources
@@ -406,3 +406,21 @@ def test_a_large_model_is_written_in_shards_one_at_a_time(sources, imported, tmp
     sharded, whole = read_checkpoint_dir(llava), read_checkpoint_dir(single / "llava")
     assert sharded.keys() == whole.keys()
     assert all(torch.equal(tensor, whole[name]) for name, tensor in sharded.items())
+
+
+def test_llava_delta_weights_are_refused_with_the_fix(sources, tmp_path):
+    _, clip, _ = sources
+    llava = write_llava_original_dir(tmp_path / "LLaVA-7b-delta-v0", "v0", seed=6, clip_dir=clip)
+    with pytest.raises(CheckpointError, match=r"delta weights .* apply_delta"):
+        import_checkpoint(llava.path, tmp_path / "out", sam=tmp_path / "sam.pth", sam_preset="tiny")
+
+
+def test_a_hub_id_with_a_revision_resolves_that_snapshot(imported, offline_hub, tmp_path):
+    from cores_cli.engine.loading import resolve_checkpoint
+
+    out, _ = imported
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    snapshot = offline_hub("someone/cores-rev", out, commit=commit)
+    assert resolve_checkpoint(f"someone/cores-rev@{commit}") == snapshot
+    with pytest.raises(CoresError, match=r"someone/cores-rev@0000000000000000000000000000000000000000 is not in the cache"):
+        resolve_checkpoint("someone/cores-rev@" + "0" * 40)

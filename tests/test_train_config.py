@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import sys
 from pathlib import Path
@@ -49,7 +51,9 @@ def test_the_paper_recipes_train_exactly_the_papers_parts(name):
 def test_the_v0_recipe_is_the_7b_recipe_on_llava_7b_v0():
     v0, v15 = load_recipe("cores-7b-v0"), load_recipe("cores-7b")
     assert v0.model.preset == "llava-7b-v0" and v0.model.mllm.num_image_tokens == 256 and v0.model.mllm.image_start_end
-    assert (v0.model.chain, v0.model.lora, v0.model.loss, v0.data) == (v15.model.chain, v15.model.lora, v15.model.loss, v15.data)
+    assert v0.model.chain.hidden_at == "predicting" and v15.model.chain.hidden_at == "token"  # the official code's reading
+    v0_chain = dataclasses.replace(v0.model.chain, hidden_at="token")
+    assert (v0_chain, v0.model.lora, v0.model.loss, v0.data) == (v15.model.chain, v15.model.lora, v15.model.loss, v15.data)
     assert v0.train.run_dir == "runs/cores-7b-v0" and v0.train.steps == v15.train.steps
 
 

@@ -155,10 +155,7 @@ class Source:
         config_file = directory / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{directory} has no config.json: not a checkpoint directory")
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from None
+        config = _read_json(config_file)
         detected = source_format_of(config)
         if fmt == "auto":
             if detected is None:
@@ -169,7 +166,22 @@ class Source:
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(config.get(key), int):
                 raise CheckpointError(f"{config_file} has no integer {key}: not a LLaMA-based {fmt} config")
+        if "delta" in str(config.get("_name_or_path", "")).lower() or "delta" in directory.name.lower():
+            raise CheckpointError(
+                f"{directory} looks like LLaVA delta weights (liuhaotian published v0 as a difference to LLaMA): "
+                f"apply them to the LLaMA weights first with LLaVA's apply_delta, then import the result"
+            )
         return cls(directory, config, fmt, SourceWeights(directory))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _unknown_format(config_file: Path, config: dict) -> str:
@@ -198,12 +210,12 @@ class ClipSource:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"CLIP tower {ref}: no config.json in {path} (pass --clip with an HF CLIP directory, e.g. openai/clip-vit-large-patch14)")
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = _read_json(config_file)
         vision = config.get("vision_config") if config.get("model_type") == "clip" else config
         if not isinstance(vision, dict) or vision.get("model_type", "clip_vision_model") != "clip_vision_model":
             raise CheckpointError(f"{config_file} is not a CLIP model (model_type clip or clip_vision_model)")
         pre = path / "preprocessor_config.json"
-        preprocessor = json.loads(pre.read_text(encoding="utf-8")) if pre.is_file() else {}
+        preprocessor = _read_json(pre) if pre.is_file() else {}
         return cls(path, vision, SourceWeights(path), preprocessor)
 
     def arch(self) -> VisionArch:
@@ -297,6 +309,8 @@ def import_checkpoint(
         # the stored config names the HF directory relative to the checkpoint (movable as a whole)
         _check_against_model(replace(cfg, mllm=replace(cfg.mllm, path=str(llava_dir))), tokenizer, tensors)
         write_checkpoint_files(tmp, cfg, tokenizer, tensors, extra={"imported_from": str(src), "source_format": source.fmt})
+    source.weights.close()
+    clip_source.weights.close()
     return report
 
 

@@ -3,6 +3,7 @@ Hub id), or a preset's random weights."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,10 +14,11 @@ from ..bundled import EMBEDDED_SOURCE, embedded_checkpoint
 from ..config import load_model_config
 from ..configio import apply_overrides
 from ..contexts import ExemplarSampler, load_library
-from ..errors import CoresError
-from ..hub import local_or_hub
+from ..errors import CheckpointError, CoresError
+from ..hub import looks_like_hub_id, model_snapshot, snapshot
 from ..model.builder import build_model
 from ..model.cores import CoresModel
+from ..model.mllm import not_hf_llava_hint
 from ..model.precision import cast_for_run
 from .checkpoint import CheckpointReport, load_checkpoint, read_checkpoint_config
 
@@ -55,7 +57,14 @@ def resolve_checkpoint(ref: str | Path) -> Path:
     path = Path(ref)
     if is_training_run(path):
         return checkpoint_of_run(path)
-    return local_or_hub(ref, "checkpoint")
+    text = os.fspath(ref)
+    if path.exists() or not looks_like_hub_id(text):
+        return path
+    # config.json first: a LISA or original-LLaVA repository is named before gigabytes come down
+    hint = not_hf_llava_hint(snapshot(text, "checkpoint", ("config.json",)), name=text)
+    if hint is not None:
+        raise CheckpointError(hint)
+    return model_snapshot(text, "checkpoint")
 
 
 @dataclass

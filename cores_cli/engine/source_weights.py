@@ -29,6 +29,8 @@ class SourceWeights:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.files = _weight_map(self.directory)
+        # one file open at a time: a legacy .bin cannot be memory-mapped and is read whole, and
+        # keeping every shard of a 13B model would be a second copy of it
         self._open: dict[Path, object] = {}
 
     def keys(self) -> list[str]:
@@ -41,6 +43,7 @@ class SourceWeights:
         path = self.files[name]
         handle = self._open.get(path)
         if handle is None:
+            self._open.clear()
             handle = self._open[path] = _open(path)
         if isinstance(handle, dict):
             tensor = handle.get(name)

@@ -259,8 +259,9 @@ def source_format_of(config: dict) -> str | None:
     return None
 
 
-def not_hf_llava_hint(path: Path) -> str | None:
-    """The fix when ``path`` holds a LISA or original-LLaVA checkpoint rather than an HF one."""
+def not_hf_llava_hint(path: Path, name: str | None = None) -> str | None:
+    """The fix when ``path`` holds a LISA or original-LLaVA checkpoint rather than an HF one
+    (``name``: what the user typed for it, e.g. a Hub id; default the path)."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -268,8 +269,9 @@ def not_hf_llava_hint(path: Path) -> str | None:
     fmt = source_format_of(config)
     if fmt is None:
         return None
-    name = "a LISA checkpoint" if fmt == "lisa" else "an original-format LLaVA checkpoint (liuhaotian's layout)"
-    return f"{path} is {name}, not a cores or HF LLaVA directory: convert it once with `cores import {path} OUT`, then use -c OUT"
+    kind = "a LISA checkpoint" if fmt == "lisa" else "an original-format LLaVA checkpoint (liuhaotian's layout)"
+    shown = name or str(path)
+    return f"{shown} is {kind}, not a cores or HF LLaVA directory: convert it once with `cores import {shown} OUT`, then use -c OUT"
 
 
 def load_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:

@@ -12,12 +12,13 @@ processor does, so chain tokens are found by id and no offset arithmetic is ever
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
-from ..config import ChainConfig, PromptConfig
+from ..config import CHAIN_TOKENS, ChainConfig, PromptConfig
 from ..contexts import Exemplar
 from ..data.records import QueryStyle
 from ..errors import CoresError
@@ -191,10 +192,13 @@ class ConversationEncoder:
                 raise ValueError("one answer per question is needed")
             rounds = [Round(q, a) for q, a in zip(questions, answers)]
         text, spans = render(system_text(self.prompt), exemplars, rounds, self.image_text)
-        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-        ids: list[int] = enc["input_ids"]
+        if self.prompt.template == "lisa":
+            ids, offsets = encode_as_slow_llama(self.tokenizer, text, STRIPPED_BY_SLOW_LLAMA)
+        else:
+            enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [IGNORE_INDEX] * len(ids)
-        for i, (s, e) in enumerate(enc["offset_mapping"]):
+        for i, (s, e) in enumerate(offsets):
             if any(s < se and e > ss for ss, se in spans):
                 labels[i] = ids[i]
         image_id = self.image_token_id
@@ -205,6 +209,54 @@ class ConversationEncoder:
         ids = ids[:at] + [image_id] * n + ids[at + 1 :]
         labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
         return Encoded(ids, labels, len(exemplars), False, text)
+
+
+STRIPPED_BY_SLOW_LLAMA = frozenset({*IMAGE_WRAP_TOKENS, *CHAIN_TOKENS})
+"""Tokens LISA's tokenizer (transformers 4.31's slow LlamaTokenizer) added as plain added tokens:
+it strips the whitespace on both sides of them."""
+
+
+def encode_as_slow_llama(tokenizer: PreTrainedTokenizerBase, text: str, stripped: frozenset[str]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``text`` as LISA's tokenizer makes them, with any fast
+    Llama tokenizer: the text is split at the special and added tokens; the whitespace on both
+    sides of a ``stripped`` token is dropped (``"ASSISTANT: [SEG]."`` → ``ASSISTANT:``, ``[SEG]``,
+    ``.``; ``"<im_end>\n What"`` → ``<im_end>``, ``What``); every piece between is encoded on its
+    own, with SentencePiece's prefix space (legacy mode); a BOS comes first. Splitting at
+    ``<image>`` without stripping is LLaVA's ``tokenizer_image_token``, which encodes the text on
+    each side of the image separately. The fast tokenizer run on the whole text instead keeps
+    a ``▁`` before ``[SEG]`` (the position LISA reads) and the newline after ``<im_end>``."""
+    names = sorted({*tokenizer.all_special_tokens, *stripped, IMAGE_TOKEN} - {""}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(n) for n in names))
+    pieces: list[list] = []  # [start, end, is_token]
+    at = 0
+    for match in pattern.finditer(text):
+        pieces.append([at, match.start(), False])
+        pieces.append([match.start(), match.end(), True])
+        at = match.end()
+    pieces.append([at, len(text), False])
+    for i, (start, end, is_token) in enumerate(pieces):
+        if not (is_token and text[start:end] in stripped):
+            continue
+        if i > 0 and not pieces[i - 1][2]:
+            left = pieces[i - 1]
+            while left[1] > left[0] and text[left[1] - 1].isspace():
+                left[1] -= 1
+        if i + 1 < len(pieces) and not pieces[i + 1][2]:
+            right = pieces[i + 1]
+            while right[0] < right[1] and text[right[0]].isspace():
+                right[0] += 1
+    ids, offsets = [tokenizer.bos_token_id], [(0, 0)]
+    for start, end, is_token in pieces:
+        if start == end:
+            continue
+        if is_token:
+            ids.append(tokenizer.convert_tokens_to_ids(text[start:end]))
+            offsets.append((start, end))
+            continue
+        enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True)
+        ids.extend(enc["input_ids"])
+        offsets.extend((start + a, start + b) for a, b in enc["offset_mapping"])
+    return ids, offsets
 
 
 def pick_answers(chain: ChainConfig, n_rounds: int, rng: random.Random | None, fixed_index: int, template: str = "cores") -> list[str]:
