@@ -11,17 +11,18 @@ from pathlib import Path
 
 from conftest import REPO
 
-ABOVE_THE_LEAVES = {"model", "data", "processing", "engine", "builders", "cli", "api"}
+ABOVE_THE_LEAVES = {"model", "data", "processing", "engine", "builders", "cli", "api", "demo"}
 LEAVES = ("config", "configio", "contexts", "metrics", "images", "fileio", "runtime", "ignore_values", "bundled", "errors", "visualize", "hub")
 
 # layer (a folder of cores_cli, or a top-level module) -> the layers it must never import
 FORBIDDEN = {
-    "model": {"data", "processing", "engine", "builders", "cli", "api"},
-    "data": {"model", "processing", "engine", "builders", "cli", "api"},
-    "processing": {"engine", "builders", "cli", "api"},
-    "engine": {"builders", "cli", "api"},
-    "builders": {"model", "processing", "engine", "cli", "api"},
-    "api": {"builders", "cli"},
+    "model": {"data", "processing", "engine", "builders", "cli", "api", "demo"},
+    "data": {"model", "processing", "engine", "builders", "cli", "api", "demo"},
+    "processing": {"engine", "builders", "cli", "api", "demo"},
+    "engine": {"builders", "cli", "api", "demo"},
+    "builders": {"model", "processing", "engine", "cli", "api", "demo"},
+    "api": {"builders", "cli", "demo"},
+    "demo": {"builders", "cli"},
     # the shared leaves are imported by every layer and import none of them
     **{leaf: ABOVE_THE_LEAVES for leaf in LEAVES},
 }

@@ -134,3 +134,39 @@ def test_resume_in_process_continues_the_uninterrupted_run_exactly(tmp_path):
     assert result.steps == 4
     assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(full)]
     assert [m["lr"] for m in metrics(part)] == [m["lr"] for m in metrics(full)]
+
+
+def test_report_to_wandb_offline_gets_the_recipe_and_every_steps_metrics(tmp_path, monkeypatch):
+    """A stand-in `wandb` (the package is optional and not installed here) fed by a real run."""
+    import sys
+    import types
+
+    from cores_cli.configio import to_dict
+
+    calls: dict[str, list] = {"init": [], "log": [], "finish": []}
+
+    class Run:
+        def log(self, data, step=None):
+            calls["log"].append((data, step))
+
+        def finish(self):
+            calls["finish"].append(True)
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    recipe = tiny_recipe(run, "train.steps=2", "train.save_every=2", "train.eval_every=2", "train.report_to=[wandb]")
+    run_training(recipe)
+    (init_kwargs,) = calls["init"]
+    assert init_kwargs["mode"] == "offline" and init_kwargs["config"] == to_dict(recipe)
+    logged = metrics(run)
+    assert [step for _, step in calls["log"]] == [m["step"] for m in logged] == [1, 2, 2]
+    for (data, _), m in zip(calls["log"], logged):
+        prefix = "val" if m["kind"] == "eval" else "train"
+        assert data == {f"{prefix}/{k}": v for k, v in m.items() if k not in ("kind", "step") and v is not None}
+    assert "val/giou" in calls["log"][-1][0] and calls["finish"] == [True]
+    assert not (run / "tensorboard").exists()  # report_to lists no TensorBoard

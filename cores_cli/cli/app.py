@@ -6,6 +6,7 @@ import typer
 
 from .. import __version__
 from .build_context import build_context
+from .demo import demo
 from .evaluate import evaluate
 from .export import export
 from .import_cmd import import_source
@@ -29,6 +30,7 @@ app.command("predict")(predict)
 app.command("make-reasonpart")(make_reasonpart)
 app.command("export")(export)
 app.command("import")(import_source)
+app.command("demo")(demo)
 
 
 def _version(value: bool) -> None:

@@ -1,9 +1,10 @@
 """Training progress on stderr: a Rich live view on a terminal, plain lines otherwise.
 
 The live view shows the step with a bar, the loss and its parts, the learning rate,
-samples per second, elapsed time and ETA, the last validation and the last checkpoint. Without
-a terminal (a log file, CI, a launcher's pipe) it prints one line every ``log_every`` steps and
-one per validation and checkpoint.
+samples per second, elapsed time and ETA, the last validation (gIoU, cIoU) and the last
+checkpoint. Without a terminal (a log file, CI, a launcher's pipe) it prints one line every
+``log_every`` steps (the same numbers, the last validation's gIoU and cIoU included) and one per
+validation and checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ def _duration(seconds: float) -> str:
 def _losses(losses: dict[str, float]) -> str:
     order = ["loss", "ce", "bce", "dice", "intermediate"]
     return "  ".join(f"{k} {losses[k]:.4f}" for k in order if k in losses)
+
+
+def _score(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "-"
+
+
+def _giou_ciou(metrics: dict) -> str:
+    return f"gIoU {_score(metrics.get('giou'))}  cIoU {_score(metrics.get('ciou'))}"
 
 
 class TrainView:
@@ -117,18 +126,21 @@ class TrainView:
 
     # -- rendering
     def _line(self, r: StepReport) -> str:
+        # the last validation rides along, so that a log's tail alone tells how the run is doing
         return (
             f"step {r.step}/{r.total_steps}  {_losses(r.losses)}  lr {r.lr:.3g}  "
             f"{r.samples_per_s:.1f} samples/s  elapsed {_duration(r.elapsed_s)}  ETA {_duration(r.eta_s)}"
+            f"  last val {self._last_val()}"
         )
+
+    def _last_val(self) -> str:
+        e = self.last_eval
+        return f"{_giou_ciou(e.metrics)} (step {e.step})" if e is not None else "-"
 
     @staticmethod
     def _eval_line(r: EvalReport) -> str:
-        giou, ciou = r.metrics.get("giou"), r.metrics.get("ciou")
-        best = f"{r.best_giou:.4f}" if r.best_giou is not None else "-"
-        g = f"{giou:.4f}" if giou is not None else "-"
-        c = f"{ciou:.4f}" if ciou is not None else "-"
-        return f"validation at step {r.step}: gIoU {g}  cIoU {c}  (best gIoU {best}{', new best' if r.is_best else ''}; {r.seconds:.1f}s)"
+        best = _score(r.best_giou)
+        return f"validation at step {r.step}: {_giou_ciou(r.metrics)}  (best gIoU {best}{', new best' if r.is_best else ''}; {r.seconds:.1f}s)"
 
     def _render(self):
         table = Table.grid(padding=(0, 2))

@@ -125,8 +125,14 @@ class TrainConfig:
     """A cores checkpoint (directory, run directory or Hub id) whose weights a new run starts
     from where names and shapes match, e.g. an imported LISA (its SAM, β and [SEG] rows); the
     LLaVA base still comes from ``model.mllm.path``. Ignored when resuming."""
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] | None = None
+    """Where metrics go (``engine/trackers.py``): ``jsonl`` (``RUN/metrics.jsonl``, always
+    written), ``tensorboard`` (``RUN/tensorboard/``), ``wandb`` (Weights & Biases; honours
+    ``WANDB_MODE=offline``). A listed backend that is not installed stops the run at once.
+    None = ``jsonl``, plus TensorBoard when it is installed."""
     tensorboard: bool = True
-    """Also log to TensorBoard when ``tensorboard`` is installed."""
+    """Deprecated, use ``report_to``: read only when ``report_to`` is unset, where false leaves
+    TensorBoard out. Kept because every earlier run's ``recipe.yaml`` holds it."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -150,6 +156,11 @@ class TrainConfig:
         for ok, key, reason in checks:
             if not ok:
                 raise FieldError(key, reason)
+        if self.report_to is not None:
+            if not self.tensorboard and "tensorboard" in self.report_to:
+                raise FieldError("tensorboard", "is false but train.report_to lists tensorboard: drop train.tensorboard (deprecated), report_to decides")
+            # jsonl first and always (the run directory's own record), each backend once
+            self.report_to = list(dict.fromkeys(["jsonl", *self.report_to]))
 
 
 @dataclass

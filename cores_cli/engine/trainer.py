@@ -4,7 +4,8 @@ One function, :func:`run_training`, used the same way by ``cores train --gpus 0`
 own process) and by every process a launcher starts (``cores_cli.engine.train_worker``), both
 through :func:`cores_cli.engine.train_run.train_in_this_process`. Progress
 goes to a :class:`Reporter` (the CLI's Rich view; nothing by default), metrics to
-``RUN/metrics.jsonl`` (and TensorBoard when installed), all from rank 0.
+``RUN/metrics.jsonl`` and the other trackers of ``train.report_to`` (TensorBoard, W&B), all
+from rank 0.
 
 Order within a step: ``grad_accumulation`` micro-batches (DeepSpeed accumulates, clips and
 steps the optimizer and the schedule at the boundary), then validation if due, then the
@@ -14,7 +15,6 @@ states and the data position, so on the CPU it reproduces the uninterrupted run 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -112,50 +112,43 @@ class NullReporter:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (appended, one JSON object per line) and optional TensorBoard.
+    """Each step's and each validation's record, to every backend of ``train.report_to``
+    (``engine/trackers.py``): ``metrics.jsonl`` always, TensorBoard and W&B when chosen.
 
-    On resume the log is cut back to the checkpoint's step first (one atomic rewrite): the
-    killed run's later train and validation lines are redone by the resumed run, and a line
-    torn by the kill is dropped.
+    On resume ``metrics.jsonl`` is cut back to the checkpoint's step first (one atomic
+    rewrite) and TensorBoard hides its later events: the resumed run redoes them. ``config``
+    (the resolved recipe) becomes the W&B run's config. Created on rank 0 only.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.is_file():
-            kept = [ln for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if _kept_on_resume(ln, resume_step)]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        *,
+        report_to: list[str] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        from .trackers import open_trackers
 
-                # purge_step hides the killed run's events past the checkpoint, as above
-                purge = resume_step + 1 if resume_step is not None else None
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
-            except ImportError:
-                self.writer = None
+        self.path = run_dir / "metrics.jsonl"
+        self.trackers = open_trackers(run_dir, report_to, tensorboard=tensorboard, resume_step=resume_step, config=config)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            prefix = "val" if record.get("kind") == "eval" else "train"
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind"):
-                    self.writer.add_scalar(f"{prefix}/{k}", v, record["step"])
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _kept_on_resume(line: str, resume_step: int) -> bool:
-    """A complete record of a step up to the checkpoint's (train or validation)."""
-    try:
-        step = json.loads(line).get("step")
-    except (json.JSONDecodeError, AttributeError):
-        return False
-    return isinstance(step, int) and not isinstance(step, bool) and step <= resume_step
+        """Every tracker is closed, even after one fails (the first failure is raised then)."""
+        trackers, self.trackers = self.trackers, []
+        failures = []
+        for tracker in reversed(trackers):
+            try:
+                tracker.close()
+            except Exception as exc:  # noqa: BLE001 - raised below, after the others are closed
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 # ------------------------------------------------------------------------------ checks
@@ -172,6 +165,9 @@ def check_recipe(recipe: Recipe) -> None:
         )
     if t.embedding_cache and "sam_image_encoder" in m.train_extra:
         raise CoresError("train.embedding_cache needs a frozen SAM image encoder, but model.train_extra makes it trainable")
+    from .trackers import check_backends
+
+    check_backends(t.report_to, t.tensorboard)  # a listed tracker that is not installed
 
 
 def training_device(cfg: TrainConfig) -> torch.device:
@@ -359,7 +355,8 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", recipe_text(recipe))
         ts.remove_partial_writes(ckpt_root)
-        metrics = MetricsLog(run_dir, cfg.tensorboard, state.step if resume_from is not None else None)
+        resume_step = state.step if resume_from is not None else None
+        metrics = MetricsLog(run_dir, cfg.tensorboard, resume_step, report_to=cfg.report_to, config=to_dict(recipe))
 
     loader, batches = _loader(recipe, model, mixture, state, proc)
     global_batch = cfg.micro_batch_size * cfg.grad_accumulation * proc.world

@@ -1,0 +1,162 @@
+"""`cores demo`: the request handler in-process, the Gradio page through its HTTP API, and (where a
+Chromium is installed) the real page driven in a headless browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cores_cli
+from cores_cli.bundled import EXAMPLE_QUERY, example_image
+from cores_cli.demo.session import DemoSession
+from cores_cli.errors import CoresError
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return cores_cli.load(device="cpu", max_pixels=1_000_000)
+
+
+@pytest.fixture
+def session(segmenter, tmp_path):
+    return DemoSession(segmenter, tmp_path / "requests")
+
+
+def bad_uploads(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    corrupt = folder / "corrupt.png"
+    corrupt.write_bytes(example_image().read_bytes()[:200])
+    text = folder / "notes.png"
+    text.write_text("not an image at all")
+    huge = folder / "huge.png"
+    Image.new("RGB", (1500, 1000)).save(huge)  # 1.5 MP against the 1 MP limit of these tests
+    return {"corrupt": corrupt, "text": text, "huge": huge}
+
+
+def test_a_request_gives_the_overlay_every_level_the_answer_and_files_to_download(session, segmenter):
+    answer = session.ask(str(example_image()), EXAMPLE_QUERY, "teacher")
+    direct = segmenter.predict(example_image(), EXAMPLE_QUERY)
+    assert answer.answer == direct.answer and answer.question == direct.question
+    # the overlay (small images are upscaled for display, the legend sits beside them)
+    assert answer.overlay.ndim == 3 and answer.overlay.dtype == np.uint8
+    assert answer.overlay.shape[0] >= direct.mask.shape[0] and answer.overlay.shape[1] >= direct.mask.shape[1]
+    assert [caption for _, caption in answer.levels] == [f"level {i + 1}: {t}" for i, t in enumerate(direct.level_tokens)]
+    saved = np.array(Image.open(answer.mask_png)) > 0
+    assert np.array_equal(saved, direct.mask)
+    record = json.loads(answer.record_json.read_text())
+    assert record["answer"] == direct.answer and record["outputs"] == {"mask": "mask.png"}
+    # each request has its own folder: two requests never share a file
+    again = session.ask(str(example_image()), EXAMPLE_QUERY, "generate")
+    assert again.mask_png.parent != answer.mask_png.parent and answer.mask_png.is_file()
+
+
+@pytest.mark.parametrize(
+    "image,question,mode,message",
+    [
+        (None, "q", "teacher", "upload an image"),
+        ("EXAMPLE", "   ", "teacher", "type a question"),
+        ("EXAMPLE", "q", "dream", "mode must be one of teacher, generate"),
+        ("EXAMPLE", "x" * 3000, "teacher", "keep it under 2000"),
+    ],
+)
+def test_a_bad_request_is_one_clear_message(session, image, question, mode, message):
+    image = str(example_image()) if image == "EXAMPLE" else image
+    with pytest.raises(CoresError, match=message):
+        session.ask(image, question, mode)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "text", "huge"])
+def test_a_bad_upload_is_one_clear_message(session, tmp_path, kind):
+    with pytest.raises(CoresError, match=r"that upload cannot be used: ") as err:
+        session.ask(str(bad_uploads(tmp_path / "bad")[kind]), EXAMPLE_QUERY)
+    assert "\n" not in str(err.value)
+
+
+def test_the_command_says_how_to_install_the_extra_when_gradio_is_missing(monkeypatch):
+    import sys
+
+    from conftest import error_lines, invoke_cli
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
+    result = invoke_cli("demo")
+    assert result.exit_code == 1
+    (line,) = error_lines(result)
+    assert 'pip install "cores[demo]"' in line
+
+
+# ------------------------------------------------------------------------------ the page
+
+gradio = pytest.importorskip("gradio", reason='the web page needs the demo extra: pip install "cores[demo]"')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def page(session):
+    from cores_cli.demo.app import build_app, launch
+
+    app = build_app(session, [(example_image(), EXAMPLE_QUERY)])
+    port = free_port()
+    launch(app, "127.0.0.1", port, block=False, allowed=[session.workdir])
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+def test_the_page_answers_queues_and_keeps_serving_after_bad_uploads(page, session, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(page, verbose=False)
+    overlay, answer, levels, mask, record = client.predict(handle_file(str(example_image())), EXAMPLE_QUERY, "teacher", api_name="/segment")
+    assert answer == "Sure, it appears on [LOC]. It is [SEG]."
+    assert Image.open(overlay).size[0] >= Image.open(example_image()).size[0] and len(levels) == 2
+    assert np.array_equal(np.array(Image.open(mask)) > 0, cores_cli.load(device="cpu").predict(example_image(), EXAMPLE_QUERY).mask)
+    assert json.loads(Path(record).read_text())["answer"] == answer
+    for kind, path in bad_uploads(tmp_path / "bad").items():
+        with pytest.raises(Exception) as err:  # the page shows the error; the client raises it
+            client.predict(handle_file(str(path)), EXAMPLE_QUERY, "teacher", api_name="/segment")
+        assert "cannot" in str(err.value) or "identify" in str(err.value), (kind, str(err.value))
+    # concurrent requests queue for the one model, and all are answered
+    results: list[str] = []
+
+    def ask() -> None:
+        results.append(Client(page, verbose=False).predict(handle_file(str(example_image())), EXAMPLE_QUERY, "teacher", api_name="/segment")[1])
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [answer] * 3
+
+
+def test_the_page_binds_to_localhost_by_default():
+    import inspect
+
+    from cores_cli.cli.demo import demo
+
+    assert inspect.signature(demo).parameters["host"].default.default == "127.0.0.1"
+
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium: install Debian's chromium and chromium-driver (apt install chromium chromium-driver) and pip install selenium to run the browser test")
+def test_the_real_page_in_a_headless_browser(page, tmp_path):
+    selenium = pytest.importorskip("selenium", reason="pip install selenium to drive the browser")
+    from browser_driver import segment_in_browser
+
+    src, answer = segment_in_browser(page, example_image(), EXAMPLE_QUERY, BROWSER, tmp_path)
+    assert src and answer == "Sure, it appears on [LOC]. It is [SEG]."
+    del selenium
