@@ -179,6 +179,8 @@ def load(
     seed: int = 0,
     max_new_tokens: int = 64,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    quantize: str | None = None,
+    device_map: str | None = None,
 ) -> Segmenter:
     """Load a model for prediction.
 
@@ -189,6 +191,8 @@ def load(
     ``cpu``, ``cuda``, ``cuda:N``; ``dtype``: ``auto`` (bf16 on a GPU, fp32 on the CPU), ``fp32``,
     ``bf16``, ``fp16``. ``overrides``: model settings as on the command line
     (``["prompt.in_context_k=0"]``). ``seed`` fixes the in-context exemplar draw.
+    ``quantize``: ``8bit`` or ``4bit`` loads the LLaVA through bitsandbytes (CUDA only, the
+    ``quantize`` extra); ``device_map="auto"`` spreads it over the visible GPUs.
     """
     from .engine.loading import load_predictor
 
@@ -201,7 +205,7 @@ def load(
     for name, value in (("max_pixels", max_pixels), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CoresError(f"{name} must be a whole number of at least 1, got {value!r}")
-    predictor, loaded, model_info = load_predictor(checkpoint, preset, list(overrides), device, dtype, context_library, seed, max_new_tokens)
+    predictor, loaded, model_info = load_predictor(checkpoint, preset, list(overrides), device, dtype, context_library, seed, max_new_tokens, quantize, device_map)
     if loaded.random_weights:
         warnings.warn(f"{loaded.source}: masks are meaningless; pass a checkpoint for real predictions", stacklevel=2)
     if loaded.report is not None and loaded.report.unexpected:

@@ -17,6 +17,8 @@ def demo(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16."),
     workdir: Path = typer.Option(None, "--workdir", help="Where each request's mask PNG and JSON record are written (default: a new temporary folder)."),
+    quantize: str = typer.Option(None, "--quantize", help="8bit or 4bit: load the LLaVA through bitsandbytes (CUDA; pip install 'cores\\[quantize]')."),
+    device_map: str = typer.Option(None, "--device-map", help="auto: spread the LLaVA over the visible GPUs (a 13B model on two smaller GPUs)."),
 ) -> None:
     """Serve a web page to try a model: upload an image (or pick an example), ask a question,
     choose teacher or generate mode, and see the overlay with every chain level, the answer,
@@ -34,7 +36,7 @@ def demo(
     from ..demo.session import DemoSession
 
     require_gradio()  # before the model loads: the missing extra is the first thing to say
-    segmenter = load(str(checkpoint) if checkpoint else None, device=device, dtype=dtype)
+    segmenter = load(str(checkpoint) if checkpoint else None, device=device, dtype=dtype, quantize=quantize, device_map=device_map)
     folder = workdir or Path(tempfile.mkdtemp(prefix="cores-demo-"))
     session = DemoSession(segmenter, folder)
     app = build_app(session, [(example_image(), EXAMPLE_QUERY)])

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_directory
 from ..model.builder import build_model
 from ..model.cores import TRAINABLE_GROUPS, CoresModel, _group_of
-from ..model.mllm import lora_target_regex, not_hf_llava_hint, read_tokenizer_dir
+from ..model.mllm import LlavaLoading, lora_target_regex, not_hf_llava_hint, read_tokenizer_dir
 
 FORMAT = "cores-checkpoint"
 FORMAT_VERSION = 1
@@ -218,6 +218,7 @@ def load_checkpoint(
     allow_missing: bool = False,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    llava_loading: LlavaLoading | None = None,
 ) -> tuple[CoresModel, CheckpointReport]:
     """Build the model a checkpoint describes at ``dtype`` (position buffers fp32, see
     ``model.precision``) directly on ``device`` (default: the current device), and load its
@@ -237,7 +238,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {p} has no tokenizer/tokenizer.json")
     tokenizer = read_tokenizer_dir(tok_dir)
     weights = _read_safetensors(p / "weights.safetensors")
-    model = build_model(cfg, load_base_weights=True, tokenizer=tokenizer, dtype=dtype, device=device)
+    model = build_model(cfg, load_base_weights=True, tokenizer=tokenizer, dtype=dtype, device=device, llava_loading=llava_loading)
 
     expected = _stored_keys(model)
     state = model.state_dict()

@@ -18,7 +18,7 @@ from ..errors import CheckpointError, CoresError
 from ..hub import looks_like_hub_id, model_snapshot, snapshot
 from ..model.builder import build_model
 from ..model.cores import CoresModel
-from ..model.mllm import not_hf_llava_hint
+from ..model.mllm import LlavaLoading, not_hf_llava_hint
 from ..model.precision import cast_for_run
 from .checkpoint import CheckpointReport, load_checkpoint, read_checkpoint_config
 
@@ -83,9 +83,12 @@ def load_for_inference(
     device: torch.device,
     dtype: torch.dtype,
     seed: int = 0,
+    llava_loading: LlavaLoading | None = None,
 ) -> LoadedModel:
     if checkpoint is not None and preset is not None:
         raise CoresError("give either --checkpoint or --preset, not both")
+    if llava_loading is not None and llava_loading.managed:
+        check_llava_loading(llava_loading, device)
     source = str(checkpoint) if checkpoint is not None else None
     if checkpoint is None and preset is None:
         checkpoint = embedded_checkpoint()
@@ -98,17 +101,31 @@ def load_for_inference(
             source = str(resolved)  # the record names the checkpoint the run directory resolved to
         checkpoint = resolved
         cfg = apply_overrides(read_checkpoint_config(checkpoint), overrides)
-        model, report = load_checkpoint(checkpoint, overrides=cfg, dtype=dtype, device=device)
+        model, report = load_checkpoint(checkpoint, overrides=cfg, dtype=dtype, device=device, llava_loading=llava_loading)
         loaded = LoadedModel(model, source, False, report)
     else:
         cfg = load_model_config(preset, None, overrides)
         with torch.random.fork_rng(devices=_rng_devices(device)):  # the caller's random state stays as it was
             torch.manual_seed(seed)
-            loaded = LoadedModel(build_model(cfg, dtype=dtype, device=device), f"preset:{preset} (random weights)", True, None)
+            loaded = LoadedModel(build_model(cfg, dtype=dtype, device=device, llava_loading=llava_loading), f"preset:{preset} (random weights)", True, None)
     # built on the device at the dtype already: this only settles what a checkpoint's own
-    # precision or an override left elsewhere
-    cast_for_run(loaded.model, dtype, device).eval()
+    # precision or an override left elsewhere; a quantized / device-mapped LLaVA stays put
+    managed = llava_loading is not None and llava_loading.managed
+    cast_for_run(loaded.model, dtype, device, skip=(loaded.model.mllm,) if managed else ()).eval()
     return loaded
+
+
+def check_llava_loading(loading: LlavaLoading, device: torch.device) -> None:
+    """Quantized or device-mapped loading needs CUDA (and bitsandbytes to quantize): said in
+    one line before anything loads."""
+    asked = " and ".join(part for part in (loading.quantize and f"--quantize {loading.quantize}", loading.device_map and f"--device-map {loading.device_map}") if part)
+    if device.type != "cuda":
+        raise CoresError(f"{asked} needs a CUDA GPU (bitsandbytes and accelerate place the model there), and this run is on {device}: drop the option, or run where a GPU is visible")
+    if loading.quantize is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise CoresError(f'{asked} needs bitsandbytes: pip install "cores[quantize]"') from None
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -135,14 +152,17 @@ def load_predictor(
     context_library: str | Path | None = None,
     seed: int = 0,
     max_new_tokens: int = 64,
+    quantize: str | None = None,
+    device_map: str | None = None,
 ) -> tuple[Predictor, LoadedModel, dict]:
     """The model, ready to predict with (``cores predict`` and the Python API), and the record's
     ``model`` entry. ``device``/``dtype`` are names (``auto``, ``cpu``, ``bf16``...)."""
     from ..runtime import resolve_device, resolve_dtype
     from .predictor import Predictor
 
+    loading = LlavaLoading(quantize, device_map)  # refuses unknown values before anything else
     dev = resolve_device(device)
-    loaded = load_for_inference(checkpoint, preset, overrides, dev, resolve_dtype(dtype, dev), seed)
+    loaded = load_for_inference(checkpoint, preset, overrides, dev, resolve_dtype(dtype, dev), seed, loading)
     predictor = Predictor(loaded.model, exemplar_sampler(loaded.model, context_library, seed), seed=seed, max_new_tokens=max_new_tokens)
     model_info = {"source": loaded.source, "preset": loaded.model.cfg.preset, "chain_depth": loaded.model.cfg.chain.depth}
     return predictor, loaded, model_info

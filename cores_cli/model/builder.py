@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from ..config import CHAIN_TOKENS, ModelConfig, replace
+from ..errors import ConfigError
 from ..hub import local_or_hub
 from .cores import CoresModel
 from .mllm import (
@@ -14,6 +15,7 @@ from .mllm import (
     add_chain_tokens,
     apply_lora,
     IMAGE_WRAP_TOKENS,
+    LlavaLoading,
     build_llava,
     check_image_token_id,
     check_single_tokens,
@@ -32,6 +34,7 @@ def build_model(
     tokenizer=None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    llava_loading: LlavaLoading | None = None,
 ) -> CoresModel:
     """Build the model the config describes at ``dtype``, directly on ``device`` (default: the
     current default device).
@@ -45,11 +48,16 @@ def build_model(
     ``load_base_weights`` False skips the SAM ``.pth`` and LLaVA directory weights (the
     architecture is still taken from the directory's config when ``mllm.path`` is set); used
     when building on ``meta`` or before loading a checkpoint that carries them.
-    ``tokenizer`` lets a checkpoint supply its saved tokenizer. ``mllm.path`` and
+    ``tokenizer`` lets a checkpoint supply its saved tokenizer. ``llava_loading`` quantizes or
+    spreads the LLaVA directory over GPUs (inference; it is then left where transformers put it).
+    ``mllm.path`` and
     ``mllm.tokenizer`` may be Hugging Face Hub ids (read from its cache, fetched when online);
     the model keeps the ids in its config, so a checkpoint stays portable.
     """
     local = _local_mllm_paths(cfg)
+    managed = llava_loading is not None and llava_loading.managed
+    if managed and not (local.mllm.path and load_base_weights):
+        raise ConfigError("quantized or device-mapped loading applies to an HF LLaVA directory (mllm.path), and this model has none: its LLaVA weights are its own (e.g. the tiny model)")
     tok = tokenizer if tokenizer is not None else load_tokenizer(local.mllm)
     if cfg.mllm.image_start_end:
         if tokenizer is None and not (local.mllm.tokenizer or local.mllm.path):
@@ -65,7 +73,7 @@ def build_model(
         sam = cast_for_run(build_sam(cfg.sam), dtype)  # fp32 position matrix before loading into it
         if load_base_weights and cfg.sam.checkpoint:
             load_sam_checkpoint(sam, cfg.sam.checkpoint)
-        llava = _base_llava(local, tok, base_vocab, load_base_weights, dtype)
+        llava = _base_llava(local, tok, base_vocab, load_base_weights, dtype, llava_loading)
         if local.mllm.path:
             check_image_token_id(llava, tok, local.mllm.path)
         fit_vocabulary(llava, len(tok))
@@ -73,7 +81,7 @@ def build_model(
         mllm = apply_lora(llava, cfg.lora) if cfg.lora.enabled else llava
         model = CoresModel(cfg, sam, mllm, tok, rows)
     # a no-op for what was created at ``dtype``; the rotary frequencies back to fp32 if needed
-    return cast_for_run(model, dtype)
+    return cast_for_run(model, dtype, skip=(model.mllm,) if managed else ())
 
 
 def _local_mllm_paths(cfg: ModelConfig) -> ModelConfig:
@@ -86,10 +94,10 @@ def _local_mllm_paths(cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, mllm=replace(mllm, path=path, tokenizer=tok))
 
 
-def _base_llava(cfg: ModelConfig, tok, base_vocab: int, load_base_weights: bool, dtype: torch.dtype):
+def _base_llava(cfg: ModelConfig, tok, base_vocab: int, load_base_weights: bool, dtype: torch.dtype, loading: LlavaLoading | None = None):
     """LLaVA from its directory (weights, or only the architecture), else from the config."""
     if cfg.mllm.path and load_base_weights:
-        return load_llava(cfg.mllm.path, dtype)
+        return load_llava(cfg.mllm.path, dtype, loading)
     if cfg.mllm.path:
         from transformers import AutoConfig, LlavaForConditionalGeneration
 

@@ -164,7 +164,8 @@ class CoresModel(nn.Module):
         the positions just before them, whose outputs predict them) and project: → (N, T_tokens, C)."""
         shift = 1 if self.cfg.chain.hidden_at == "predicting" else 0
         rows = [hidden[b, torch.tensor(chain, device=hidden.device) - shift] for b, chains in enumerate(positions) for chain in chains]
-        return self.projector(torch.stack(rows))
+        # a LLaVA spread over several GPUs ends on another device than β and SAM
+        return self.projector(torch.stack(rows).to(self.projector.fc1.weight.device))
 
     def forward(self, batch: Batch, compute_loss: bool = True) -> CoresOutput:
         counts = torch.bincount(batch.target_row_index, minlength=batch.input_ids.shape[0]).tolist()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -274,7 +275,49 @@ def not_hf_llava_hint(path: Path, name: str | None = None) -> str | None:
     return f"{shown} is {kind}, not a cores or HF LLaVA directory: convert it once with `cores import {shown} OUT`, then use -c OUT"
 
 
-def load_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+QUANTIZE_CHOICES = ("8bit", "4bit")
+DEVICE_MAP_CHOICES = ("auto",)
+
+
+@dataclass(frozen=True)
+class LlavaLoading:
+    """How an HF LLaVA directory is loaded for inference beyond its dtype: quantized by
+    bitsandbytes (``8bit``/``4bit``, LISA's ``--load_in_8bit``/``--load_in_4bit``) and/or spread
+    over the visible GPUs (``device_map="auto"``, through accelerate). Such a LLaVA is placed by
+    transformers and is never cast or moved afterwards."""
+
+    quantize: str | None = None
+    device_map: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAP_CHOICES:
+            raise ConfigError(f"device_map must be one of {', '.join(DEVICE_MAP_CHOICES)}, got {self.device_map!r}")
+
+    @property
+    def managed(self) -> bool:
+        """True when transformers places the LLaVA (quantized or device-mapped)."""
+        return self.quantize is not None or self.device_map is not None
+
+    def from_pretrained_kwargs(self, dtype: torch.dtype) -> dict:
+        """The extra ``from_pretrained`` arguments."""
+        kwargs: dict = {}
+        if self.quantize is not None:
+            from transformers import BitsAndBytesConfig
+
+            if self.quantize == "8bit":
+                kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            else:  # NF4 weights, computing in the run's dtype (what LISA's chat.py sets up)
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+                )
+        if self.device_map is not None:
+            kwargs["device_map"] = self.device_map
+        return kwargs
+
+
+def load_llava(path: str | Path, dtype: torch.dtype = torch.float32, loading: LlavaLoading | None = None) -> LlavaForConditionalGeneration:
     """An HF-format LLaVA directory, offline, strictly: a tensor the config expects but the
     weights lack (which transformers would leave randomly initialised), a tensor the model has
     no place for, or a shape that differs from the config is a CheckpointError naming them.
@@ -294,8 +337,9 @@ def load_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaFor
     hf_logging.set_verbosity_error()
     try:
         # mismatched shapes are collected (not raised as a bare RuntimeError) so they can be named
+        extra = loading.from_pretrained_kwargs(dtype) if loading is not None else {}
         model, info = LlavaForConditionalGeneration.from_pretrained(
-            p, dtype=dtype, local_files_only=True, attn_implementation="sdpa", output_loading_info=True, ignore_mismatched_sizes=True
+            p, dtype=dtype, local_files_only=True, attn_implementation="sdpa", output_loading_info=True, ignore_mismatched_sizes=True, **extra
         )
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load LLaVA from {p}: {str(exc).splitlines()[0]}") from None

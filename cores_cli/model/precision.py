@@ -36,9 +36,16 @@ def is_position_buffer(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in POSITION_BUFFERS
 
 
-def cast_for_run(model: M, dtype: torch.dtype, device: torch.device | str | None = None) -> M:
+def cast_for_run(model: M, dtype: torch.dtype, device: torch.device | str | None = None, skip: tuple[nn.Module, ...] = ()) -> M:
     """Parameters and ordinary float buffers to ``dtype`` (and ``device``), position buffers to
-    fp32 there; in place, returning ``model``. Training and eval/predict both go through here."""
+    fp32 there; in place, returning ``model``. Training and eval/predict both go through here.
+    ``skip``: direct children left as they are (a LLaVA that transformers quantized or spread
+    over several GPUs is placed already and cannot be cast)."""
+    if skip:
+        for child in model.children():
+            if not any(child is s for s in skip):
+                cast_for_run(child, dtype, device)
+        return model
     kept = [(module, key, buf) for module in model.modules() for key, buf in module._buffers.items() if buf is not None and key in POSITION_BUFFERS]
     model.to(device=device, dtype=dtype)
     for module, key, buf in kept:

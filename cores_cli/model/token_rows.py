@@ -48,17 +48,18 @@ class ChainTokenRows(nn.Module):
     def _embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         ids = args[0]
         # slot[i] = position of id i in token_ids, or -1 for every other id
-        matches = ids.unsqueeze(-1) == self.token_ids  # (..., n)
+        matches = ids.unsqueeze(-1) == self.token_ids.to(ids.device)  # (..., n)
         if not bool(matches.any()):
             return output
         slot = matches.float().argmax(-1)
         is_chain = matches.any(-1, keepdim=True)
-        return torch.where(is_chain, self.embed.to(output.dtype)[slot], output)
+        return torch.where(is_chain, self.embed.to(device=output.device, dtype=output.dtype)[slot], output)
 
     def _head_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         hidden = args[0]
-        logits = hidden @ self.head.to(hidden.dtype).t()
-        return output.index_copy(-1, self.token_ids, logits.to(output.dtype))
+        # .to(device): under a device map the embedding and lm_head may sit on other GPUs than these rows
+        logits = hidden @ self.head.to(device=hidden.device, dtype=hidden.dtype).t()
+        return output.index_copy(-1, self.token_ids.to(output.device), logits.to(output.dtype))
 
     def write_into(self, input_embeddings: nn.Embedding, output_embeddings: nn.Linear) -> None:
         """Copy the rows into the plain matrices (export to a standalone HF model)."""
