@@ -842,15 +842,6 @@ def lisa_reference_forward(
     )
 
 
-def lisa_reference_logits(
-    fixture_or_dir: LisaFixture | Path | str,
-    clip_dir: Path | str,
-    sam_pixels: torch.Tensor,
-    clip_pixels: torch.Tensor,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    question: str,
-    style: Literal["sentence", "phrase"],
-) -> torch.Tensor:
-    """The (H, W) fp32 mask logits of :func:`lisa_reference_forward` (its ``input_ids`` etc. there)."""
-    return lisa_reference_forward(fixture_or_dir, clip_dir, sam_pixels, clip_pixels, input_size, original_size, question, style).logits
+def lisa_reference_logits(*args, **kwargs) -> torch.Tensor:
+    """The (H, W) fp32 mask logits of :func:`lisa_reference_forward` (same arguments)."""
+    return lisa_reference_forward(*args, **kwargs).logits

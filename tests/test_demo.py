@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import cores_cli
+import cores_cli.demo
 from cores_cli.bundled import EXAMPLE_QUERY, example_image
 from cores_cli.demo.session import DemoSession
 from cores_cli.errors import CoresError
@@ -52,9 +53,18 @@ def test_a_request_gives_the_overlay_every_level_the_answer_and_files_to_downloa
     assert np.array_equal(saved, direct.mask)
     record = json.loads(answer.record_json.read_text())
     assert record["answer"] == direct.answer and record["outputs"] == {"mask": "mask.png"}
-    # each request has its own folder: two requests never share a file
+    # each request has its own folder inside the session's own: two requests never share a file
     again = session.ask(str(example_image()), EXAMPLE_QUERY, "generate")
     assert again.mask_png.parent != answer.mask_png.parent and answer.mask_png.is_file()
+    assert answer.mask_png.parent.parent == session.files and session.files.parent == session.workdir
+
+
+def test_a_restarted_demo_with_the_same_workdir_keeps_answering(segmenter, tmp_path):
+    first = DemoSession(segmenter, tmp_path)
+    first.ask(str(example_image()), EXAMPLE_QUERY)
+    second = DemoSession(segmenter, tmp_path)
+    answer = second.ask(str(example_image()), EXAMPLE_QUERY)
+    assert answer.mask_png.is_file() and second.files != first.files
 
 
 @pytest.mark.parametrize(
@@ -108,7 +118,7 @@ def page(session):
 
     app = build_app(session, [(example_image(), EXAMPLE_QUERY)])
     port = free_port()
-    launch(app, "127.0.0.1", port, block=False, allowed=[session.workdir])
+    launch(app, session, "127.0.0.1", port, block=False)
     yield f"http://127.0.0.1:{port}/"
     app.close()
 
@@ -123,29 +133,44 @@ def test_the_page_answers_queues_and_keeps_serving_after_bad_uploads(page, sessi
     assert np.array_equal(np.array(Image.open(mask)) > 0, cores_cli.load(device="cpu").predict(example_image(), EXAMPLE_QUERY).mask)
     assert json.loads(Path(record).read_text())["answer"] == answer
     for kind, path in bad_uploads(tmp_path / "bad").items():
-        with pytest.raises(Exception) as err:  # the page shows the error; the client raises it
+        with pytest.raises(Exception) as err:  # the page shows cores' message; the client raises it
             client.predict(handle_file(str(path)), EXAMPLE_QUERY, "teacher", api_name="/segment")
-        assert "cannot" in str(err.value) or "identify" in str(err.value), (kind, str(err.value))
+        message = str(err.value)
+        assert "that upload cannot be used: " in message and "\n" not in message.strip(), (kind, message)
     # concurrent requests queue for the one model, and all are answered
+    clients = [Client(page, verbose=False) for _ in range(3)]
     results: list[str] = []
+    errors: list[BaseException] = []
 
-    def ask() -> None:
-        results.append(Client(page, verbose=False).predict(handle_file(str(example_image())), EXAMPLE_QUERY, "teacher", api_name="/segment")[1])
+    def ask(client) -> None:
+        try:
+            results.append(client.predict(handle_file(str(example_image())), EXAMPLE_QUERY, "teacher", api_name="/segment")[1])
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below, with its type
+            errors.append(exc)
 
-    threads = [threading.Thread(target=ask) for _ in range(3)]
+    threads = [threading.Thread(target=ask, args=(c,)) for c in clients]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == [answer] * 3
+    assert not errors and results == [answer] * 3, errors
 
 
-def test_the_page_binds_to_localhost_by_default():
+def test_the_page_binds_to_localhost_serves_only_its_files_and_never_shares(session, monkeypatch):
     import inspect
 
     from cores_cli.cli.demo import demo
+    from cores_cli.demo.app import build_app, launch
 
     assert inspect.signature(demo).parameters["host"].default.default == "127.0.0.1"
+    app = build_app(session, [])
+    seen = {}
+    monkeypatch.setattr(app, "launch", lambda **kwargs: seen.update(kwargs))
+    launch(app, session, "127.0.0.1", 7860)
+    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
+    assert seen["allowed_paths"] == [str(session.files)] and session.files != session.workdir
+    # building the page wrote nothing into the package (a Gradio component subclass would: a .pyi)
+    assert not list(Path(cores_cli.demo.__file__).parent.glob("*.pyi"))
 
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -207,3 +207,28 @@ def test_the_launcher_returns_the_status_the_main_process_left(monkeypatch):
     # a launcher killed by a signal: what a shell would say (128 + 9)
     assert run_launched([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]) == 137
     assert not leave_status(1)  # not started by run_launched: nothing to leave
+
+
+def test_save_masks_lets_every_metric_be_recomputed_from_the_file(tiny_checkpoint, tmp_path):
+    """--save-masks: each target's predicted mask as COCO RLE; its IoU against the ground truth,
+    recomputed from the file, is the recorded one (issue 15, item 2)."""
+    from cores_cli.metrics import target_iou
+    from cores_cli.rle import decode
+
+    out = tmp_path / "res.json"
+    result = cli("--dataset", "synthetic:val", "--opt", "n=4", "-c", tiny_checkpoint, "-o", out, "--save-masks", "--save-vis", "1")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "res.samples.jsonl").read_text().splitlines()]
+    by_id = {s.sample_id: s for s in load_samples("synthetic:val", n=4)}
+    assert len(records) == 4
+    for r in records:
+        sample = by_id[r["sample_id"]]
+        pred = decode(r["mask_rle"])
+        assert list(pred.shape) == r["mask_rle"]["size"] == list(sample.image_array.shape[:2])
+        target = sample.rounds[int(r["id"].rpartition("#")[2])].target.rasterize(*pred.shape)
+        inter, union = intersection_union(pred, target)
+        assert (inter, union) == (r["intersection"], r["union"])
+        assert target_iou(inter, union) == r["iou"]
+    # without the flag the file holds no masks
+    cli("--dataset", "synthetic:val", "--opt", "n=1", "-c", tiny_checkpoint, "-o", tmp_path / "plain.json")
+    assert "mask_rle" not in (tmp_path / "plain.samples.jsonl").read_text()

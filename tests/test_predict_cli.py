@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,8 @@ def test_single_image_writes_mask_overlay_and_record(tiny_checkpoint, tmp_path):
     mask = np.array(Image.open(out / "photo.mask.png"))
     overlay = Image.open(out / "photo.overlay.png")
     assert mask.shape == (100, 150) and set(np.unique(mask)) <= {0, 255}
-    assert overlay.size == (150, 100) and overlay.mode == "RGB"
+    # a small image is enlarged for display (visualize.display_size), the legend below it
+    assert overlay.size[0] == 600 and overlay.size[1] > 400 and overlay.mode == "RGB"
     record = json.loads((out / "photo.json").read_text())
     assert record["query"] == "what lets the vehicle roll?"
     assert record["answer"] == "Sure, it appears on [LOC]. It is [SEG]."
@@ -242,3 +244,106 @@ def test_the_installed_console_script_runs(tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == f"error: image not found: {tmp_path / 'none.jpg'}"
     assert "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------- issue 15: RLE, image options
+
+
+def test_the_record_carries_the_mask_as_coco_rle_equal_to_the_png(tiny_checkpoint, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from cores_cli.rle import decode
+
+    img = write_image(tmp_path / "photo.png", size=(75, 52))
+    result = run(img, "the red part", "-c", tiny_checkpoint, "-o", tmp_path / "o", "--json", "--levels", *K0)
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    png = np.array(Image.open(tmp_path / "o" / "photo.mask.png")) == 255
+    rle = record["mask_rle"]
+    assert rle["size"] == [52, 75] and isinstance(rle["counts"], str)
+    assert (decode(rle) == png).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools 2.0.x under numpy 2
+        coco = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
+    assert (coco == png).all()  # pixel for pixel, read by pycocotools itself
+    # --levels: every chain level too; the last level is the final mask
+    levels = record["levels"]
+    assert [lv["token"] for lv in levels] == ["[LOC]", "[SEG]"]
+    for lv in levels:
+        assert int(decode(lv["mask_rle"]).sum()) == lv["mask_area"]
+    assert levels[-1]["mask_rle"] == rle
+    assert json.loads((tmp_path / "o" / "photo.json").read_text()) == record
+
+
+def test_without_levels_the_level_entries_hold_no_masks(tiny_checkpoint, tmp_path):
+    img = write_image(tmp_path / "p.png")
+    record = json.loads(run(img, "the red part", "-c", tiny_checkpoint, "-o", tmp_path / "o", "--json", *K0).stdout)
+    assert "mask_rle" in record and all("mask_rle" not in lv for lv in record["levels"])
+
+
+def test_no_png_writes_the_record_only_and_says_so(tiny_checkpoint, tmp_path):
+    from cores_cli.rle import decode
+
+    img = write_image(tmp_path / "in" / "p.png", size=(64, 48))
+    out = tmp_path / "o"
+    with_images = run(img, "the red part", "-c", tiny_checkpoint, "-o", out, "--json", *K0)
+    png = np.array(Image.open(out / "p.mask.png")) == 255
+    result = run(img, "the red part", "-c", tiny_checkpoint, "-o", out, "--json", "--no-png", *K0)
+    assert with_images.exit_code == result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["outputs"] == {"mask": None, "overlay": None, "json": str((out / "p.json").resolve())}
+    # the earlier run's images were ours: gone, so that no file describes another run
+    assert sorted(p.name for p in out.iterdir()) == ["p.json"]
+    assert (decode(record["mask_rle"]) == png).all()
+    assert "record" in run(img, "the red part", "-c", tiny_checkpoint, "-o", out, "--no-png", *K0).stdout
+    # the folder's record is still recognised as ours: a rerun with images replaces it
+    again = run(img, "the red part", "-c", tiny_checkpoint, "-o", out, "--json", *K0)
+    assert again.exit_code == 0 and json.loads(again.stdout)["outputs"]["mask"] == str((out / "p.mask.png").resolve())
+
+
+def test_no_overlay_and_jpg_overlays(tiny_checkpoint, tmp_path):
+    from cores_cli.engine.batch_predict import is_our_output
+
+    img = write_image(tmp_path / "p.png", size=(300, 200))
+    out = tmp_path / "o"
+    result = run(img, "the red part", "-c", tiny_checkpoint, "-o", out, "--json", "--no-overlay", *K0)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"]["overlay"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["p.json", "p.mask.png"]
+
+    result = run(img, "the red part", "-c", tiny_checkpoint, "-o", out, "--json", "--overlay-format", "jpg", "--overlay-max-side", "150", *K0)
+    assert result.exit_code == 0, result.stderr
+    path = Path(json.loads(result.stdout)["outputs"]["overlay"])
+    assert path.name == "p.overlay.jpg" and Image.open(path).format == "JPEG"
+    assert Image.open(path).size[0] == 150  # the long side, shrunk; the legend strip is below
+    assert is_our_output(path) and not is_our_output(img)
+    # ours, so a folder run with --out the input folder does not take it for an input
+    result = run(tmp_path, "the red part", "-c", tiny_checkpoint, "-o", tmp_path, "--json", *K0)
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["p"]
+
+
+def test_a_jpeg_that_cores_did_not_write_is_never_replaced(tiny_checkpoint, tmp_path):
+    img = write_image(tmp_path / "p.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    Image.new("RGB", (10, 10)).save(out / "p.overlay.jpg", comment=b"someone else's")
+    before = (out / "p.overlay.jpg").read_bytes()
+    result = run(img, "the red part", "-c", tiny_checkpoint, "-o", out, "--overlay-format", "jpg", *K0)
+    assert result.exit_code == 1 and "cores predict did not write" in error_lines(result)[0]
+    assert (out / "p.overlay.jpg").read_bytes() == before
+
+
+def test_image_options_that_contradict_each_other_exit_2(tmp_path):
+    img = write_image(tmp_path / "p.png")
+    result = run(img, "q", "--no-png", "--overlay-format", "jpg")
+    assert result.exit_code == 2 and "--overlay-format" in result.stderr
+
+
+def test_the_help_names_the_default_overlay_size():
+    import inspect
+
+    from cores_cli.cli.predict import predict
+    from cores_cli.visualize import DEFAULT_MAX_SIDE
+
+    option = inspect.signature(predict).parameters["overlay_max_side"].default
+    assert f"(default {DEFAULT_MAX_SIDE}," in option.help

@@ -23,6 +23,7 @@ from conftest import error_lines, invoke_predict
 from cores_cli.processing.transform import clip_image, longest_side_shape, sam_image, sam_target
 from cores_cli.engine import batch_predict
 from cores_cli.engine.batch_predict import Job, OutputNamer
+from cores_cli.visualize import display_size
 
 K0 = ["--set", "prompt.in_context_k=0"]
 HANG_GUARD_S = 600.0
@@ -79,7 +80,8 @@ def test_items_with_the_same_stem_get_their_own_files_stable_across_runs(tiny_ch
             rel = Path(r["image"]).relative_to(tmp_path / "in").as_posix()
             assert json.loads(Path(r["outputs"]["json"]).read_text())["image"] == r["image"]
             assert Image.open(r["outputs"]["mask"]).size == sizes[rel]
-            assert Image.open(r["outputs"]["overlay"]).size == sizes[rel]
+            shown = display_size(sizes[rel][1], sizes[rel][0])  # enlarged for display, legend below
+            assert Image.open(r["outputs"]["overlay"]).size[0] == shown[1]
         return {Path(r["image"]).relative_to(tmp_path / "in").as_posix(): Path(r["outputs"]["json"]).name for r in records}
 
     first = one_run()
@@ -271,7 +273,7 @@ def test_a_failed_write_is_that_items_error_and_the_batch_goes_on(tiny_checkpoin
     original = Image.Image.save
 
     def failing_save(self, fp, *args, **kwargs):
-        if self.mode == "RGB" and self.size == (41, 31):  # the second item's overlay
+        if self.mode == "RGB" and self.size[0] == display_size(31, 41)[1]:  # the second item's overlay
             original(self, fp, *args, **kwargs)  # part of it reached the disk
             raise OSError(code, os.strerror(code))
         return original(self, fp, *args, **kwargs)
@@ -353,7 +355,7 @@ def test_sigint_mid_item_discards_that_item_and_keeps_the_finished_ones(tiny_che
     original = Image.Image.save
 
     def interrupted_save(self, fp, *args, **kwargs):
-        if self.mode == "RGB" and self.size == (41, 31):  # while writing the second overlay
+        if self.mode == "RGB" and self.size[0] == display_size(31, 41)[1]:  # while writing the second overlay
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, fp, *args, **kwargs)
 

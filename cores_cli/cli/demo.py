@@ -16,7 +16,7 @@ def demo(
     port: int = typer.Option(7860, "--port", min=1, max=65535, help="Port to serve on."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16."),
-    workdir: Path = typer.Option(None, "--workdir", help="Where each request's mask PNG and JSON record are written (default: a new temporary folder)."),
+    workdir: Path = typer.Option(None, "--workdir", help="A folder in which the demo makes its own folder for each request's mask PNG and JSON record (default: the system's temporary folder); only that folder is served."),
     quantize: str = typer.Option(None, "--quantize", help="8bit or 4bit: load the LLaVA through bitsandbytes (CUDA; pip install 'cores\\[quantize]')."),
     device_map: str = typer.Option(None, "--device-map", help="auto: spread the LLaVA over the visible GPUs (a 13B model on two smaller GPUs)."),
 ) -> None:
@@ -37,8 +37,7 @@ def demo(
 
     require_gradio()  # before the model loads: the missing extra is the first thing to say
     segmenter = load(str(checkpoint) if checkpoint else None, device=device, dtype=dtype, quantize=quantize, device_map=device_map)
-    folder = workdir or Path(tempfile.mkdtemp(prefix="cores-demo-"))
-    session = DemoSession(segmenter, folder)
+    session = DemoSession(segmenter, workdir or Path(tempfile.gettempdir()))
     app = build_app(session, [(example_image(), EXAMPLE_QUERY)])
-    err_console.print(f"cores demo: http://{host}:{port} (model {segmenter.source}; files in {folder}); Ctrl+C stops it", markup=False, soft_wrap=True)
-    launch(app, host, port, allowed=[folder])
+    err_console.print(f"cores demo: http://{host}:{port} (model {segmenter.source}; files in {session.files}); Ctrl+C stops it", markup=False, soft_wrap=True)
+    launch(app, session, host, port)

@@ -50,13 +50,17 @@ def evaluate(
     limit: int = typer.Option(None, "--limit", min=1, help="Evaluate only the first N samples."),
     output: Path = typer.Option(None, "--output", "-o", help="Write the metrics and protocol as JSON here, and the per-target JSONL beside it."),
     per_sample: Path = typer.Option(None, "--per-sample", help="Per-target JSONL path (default: OUTPUT with .samples.jsonl)."),
-    save_vis: int = typer.Option(0, "--save-vis", min=0, help="Save overlays of the N lowest-IoU targets."),
+    save_vis: int = typer.Option(0, "--save-vis", min=0, help="Save overlays of the N lowest-IoU targets: prediction filled, ground truth outlined, a legend and the whole query below the image."),
+    save_masks: bool = typer.Option(False, "--save-masks", help="Put each predicted mask in the per-target JSONL as COCO RLE (mask_rle: {size: [h, w], counts}), so any metric can be recomputed from the file."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation from its per-target JSONL: run the same command again with --resume; targets already scored are not evaluated again and the results equal an uninterrupted run's. Refused when the file was written for another evaluation (dataset, model, options)."),
     vis_dir: Path = typer.Option(None, "--vis-dir", help="Folder for --save-vis (default: beside OUTPUT)."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics, protocol and reader warnings as one JSON object on stdout."),
     strict: bool = typer.Option(False, "--strict", help="Refuse to evaluate (exit 1, before the model loads) when any sample has a reader warning: a shape outside the image, no target polygon, a blank query, ...; exit 1 after evaluating when an image turns out unreadable."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Processes to evaluate in (one per GPU; CPU processes when there is no GPU), via torchrun."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    quantize: str = typer.Option(None, "--quantize", help="8bit or 4bit: load the LLaVA through bitsandbytes, as LISA's --load_in_8bit/--load_in_4bit (CUDA; pip install 'cores\\[quantize]')."),
+    device_map: str = typer.Option(None, "--device-map", help="auto: spread the LLaVA over the visible GPUs (a 13B model on two smaller GPUs)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-query in-context exemplar draw."),
     context_library: Path = typer.Option(None, "--context-library", help="Exemplar library (JSONL); default: the model's, else the shipped one."),
 ) -> None:
@@ -74,6 +78,9 @@ def evaluate(
     intersection nor union. Samples whose annotation the reader had to warn about (listed on
     stderr and in the results JSON) are scored as read unless --strict; a sample whose image
     cannot be decoded is left out of the metrics and listed the same way.
+
+    The per-target JSONL grows while evaluating: if the run is interrupted, the same command
+    with --resume continues from it (the batch size and --gpus may change).
     """
     from ..engine.eval_run import EvalRequest, run_eval
 
@@ -97,6 +104,10 @@ def evaluate(
         device=device,
         dtype=dtype,
         processes=gpus,
+        save_masks=save_masks,
+        resume=resume,
+        quantize=quantize,
+        device_map=device_map,
     )
     # with --gpus N this same command line runs in every process (without its --gpus)
     outcome = run_eval(req, EvalConsole(dataset, json_out), command=sys.argv[1:])
@@ -125,6 +136,9 @@ class EvalConsole:
 
     def caution(self, message: str) -> None:
         warn(message)
+
+    def resuming(self, path: Path, targets: int, samples: int, total: int) -> None:
+        err_console.print(f"resuming from {path}: {targets} targets of {samples} of the {total} samples are scored already", markup=False, highlight=False, soft_wrap=True)
 
     def evaluating(self, total: int, world: int) -> Callable[[int], None]:
         # the dataset name is the user's text: printed as written, never read as Rich markup

@@ -24,6 +24,16 @@ def require_gradio():
     return gradio
 
 
+def _image_input(gr):
+    """An image upload (with the page's own preview) whose file goes to cores as it is: Gradio's
+    own decoding would answer a bad file with its multi-line error and decode an image fully
+    before cores' size check reads only its header. (The preprocessing is replaced on the
+    instance: a subclass of a Gradio component makes Gradio write a ``.pyi`` beside this file.)"""
+    image = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="cores-image")
+    image.preprocess = lambda payload: None if payload is None else payload.path
+    return image
+
+
 def build_app(session: DemoSession, examples: list[tuple[Path, str]]):
     """The page: image + question + mode in, the overlay with every chain level, the answer
     and the mask PNG / JSON record to download out. Bad input shows an error in the page and
@@ -46,7 +56,7 @@ def build_app(session: DemoSession, examples: list[tuple[Path, str]]):
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="cores-image")
+                image = _image_input(gr)
                 question = gr.Textbox(label="Question", placeholder="what gives dogs their sense of smell?", elem_id="cores-question")
                 mode = gr.Radio(list(("teacher", "generate")), value="teacher", label="Mode", info="teacher: the fixed answer template; generate: the model writes its answer")
                 submit = gr.Button("Segment", variant="primary", elem_id="cores-submit")
@@ -64,15 +74,17 @@ def build_app(session: DemoSession, examples: list[tuple[Path, str]]):
     return app
 
 
-def launch(app, host: str, port: int, *, block: bool = True, allowed: list[Path] | None = None):
+def launch(app, session: DemoSession, host: str, port: int, *, block: bool = True):
     """Serve ``app`` on ``host:port`` (127.0.0.1 by default: nothing is exposed beyond this
-    machine unless asked). ``block`` False returns once the server is up (tests)."""
+    machine unless asked, and never through a public share link). Only the session's own files
+    folder is served. ``block`` False returns once the server is up (tests)."""
     return app.launch(
         server_name=host,
         server_port=port,
+        share=False,
         max_file_size=MAX_UPLOAD,
         show_error=True,
         prevent_thread_lock=not block,
         quiet=True,
-        allowed_paths=[str(p) for p in allowed or []],
+        allowed_paths=[str(session.files)],
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +36,15 @@ class DemoAnswer:
 
 
 class DemoSession:
-    """Answers demo requests with one loaded model, writing each request's files into its own
-    numbered folder under ``workdir`` (which the server owns)."""
+    """Answers demo requests with one loaded model. Each request's files go into a new folder of
+    their own inside ``files``, a folder this session creates under ``workdir``: the page may
+    serve ``files`` and nothing else of ``workdir`` (which may be any folder of the user's)."""
 
     def __init__(self, segmenter: Segmenter, workdir: str | Path) -> None:
         self.segmenter = segmenter
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._numbers = itertools.count(1)
+        self.files = Path(tempfile.mkdtemp(prefix="cores-demo-", dir=self.workdir))
         # Gradio's queue already runs one request at a time; the lock keeps direct callers
         # (tests, embedding apps) from sharing the model between threads too.
         self._lock = threading.Lock()
@@ -65,9 +66,7 @@ class DemoSession:
             raise CoresError(f"that upload cannot be used: {exc}") from None
         with self._lock:
             result = self.segmenter.predict(loaded.pixels, question, mode=mode)
-            number = next(self._numbers)
-        folder = self.workdir / f"request-{number:06d}"
-        folder.mkdir(parents=True, exist_ok=False)
+        folder = Path(tempfile.mkdtemp(prefix="request-", dir=self.files))
         labels = list(result.level_tokens)
         mask_png = folder / "mask.png"
         save_image_atomic(Image.fromarray(result.mask.astype(np.uint8) * 255), mask_png, format="PNG")

@@ -7,7 +7,9 @@ corrupt image, empty query, malformed line, repeated id, a write that fails) bec
 record; the run goes on.
 
 Outputs per item, in ``out_dir``: ``NAME.mask.png`` (0/255, the image's size and orientation),
-``NAME.overlay.png`` and ``NAME.json`` (the record). ``NAME`` is, for files, the image's path
+``NAME.overlay.png`` (or ``.overlay.jpg``; shrunk to ``--overlay-max-side``) and ``NAME.json``
+(the record, which also holds the mask as COCO RLE). ``--no-overlay`` leaves out the overlay,
+``--no-png`` every image file; the record's ``outputs`` then holds null for them. ``NAME`` is, for files, the image's path
 relative to the folder given (or the fixed folder part of a glob) without its suffix, folders
 joined by ``__`` (``a/photo.jpg`` → ``a__photo``); for stdin, the item's ``id`` if given, else the
 image's stem. Names are the same on every run of the same inputs. When two items of a run would
@@ -24,7 +26,8 @@ Temporaries that a killed run left behind are removed by the next run in that fo
 told apart by the tag.
 
 An existing file is replaced only when it is provably one that ``cores predict`` wrote: our PNGs
-carry a text chunk ``cores-predict`` (``mask`` or ``overlay``), and our records are recognised by
+carry a text chunk ``cores-predict`` (``mask`` or ``overlay``), our JPEG overlays a comment
+``cores-predict:overlay``, and our records are recognised by
 their shape (``outputs`` naming this NAME's three files). Anything else at an output path (a
 ReasonSeg annotation ``NAME.json``, a hand-drawn ``NAME.mask.png``) makes that item fail and stays
 byte for byte. The same marks keep earlier outputs out of a folder's or glob's inputs, so that
@@ -54,12 +57,46 @@ from PIL import Image, PngImagePlugin
 from ..errors import CoresError
 from ..fileio import TEMPORARY_PATTERN, OutputLocked, exclusive_directory_lock, probe_writable, staged_file
 from ..images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
-from ..visualize import bbox, overlay
+from ..rle import encode as rle_encode
+from ..visualize import DEFAULT_MAX_SIDE, bbox, overlay
 from .predictor import Mode, Prediction, Predictor, reserved_token_in
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 OUTPUT_SUFFIXES = {"mask": ".mask.png", "overlay": ".overlay.png", "json": ".json"}
-"""Each item's files, in the order they are moved into place: the record last."""
+"""Each item's files by default, in the order they are moved into place: the record last."""
+
+OVERLAY_SUFFIXES = {"png": ".overlay.png", "jpg": ".overlay.jpg"}
+"""The overlay's name by ``--overlay-format``."""
+
+_KNOWN_SUFFIXES = (("mask", ".mask.png"), ("overlay", ".overlay.png"), ("overlay", ".overlay.jpg"), ("json", ".json"))
+"""Every file name an item can have, whatever the run's options: an earlier run's files of a
+kind this run does not write are recognised (and, being ours, removed) by them."""
+
+JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Which files an item gets, and what the record holds."""
+
+    images: bool = True
+    """False (``--no-png``): no image file at all, the record (with the mask as COCO RLE) only."""
+    overlay: bool = True
+    """False (``--no-overlay``): the mask and the record only."""
+    overlay_format: str = "png"
+    overlay_max_side: int | None = DEFAULT_MAX_SIDE
+    levels: bool = False
+    """``--levels``: every chain level's mask as COCO RLE in its entry of ``levels``."""
+
+    def suffixes(self) -> dict[str, str]:
+        """The files each item gets, by kind, in the order they move into place (record last)."""
+        out = {}
+        if self.images:
+            out["mask"] = OUTPUT_SUFFIXES["mask"]
+            if self.overlay:
+                out["overlay"] = OVERLAY_SUFFIXES[self.overlay_format]
+        out["json"] = OUTPUT_SUFFIXES["json"]
+        return out
 
 MAX_NAME_BYTES = 120
 """Longest NAME (UTF-8 bytes). With ``.overlay.png`` and a temporary's
@@ -82,7 +119,7 @@ _HASH_CHARS = 8
 _GLOB_MAGIC = "*?["
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _STALE_TEMPORARY = re.compile(
-    TEMPORARY_PATTERN.format(name=r".+(?:\.mask\.png|\.overlay\.png|\.json)\." + re.escape(TEMPORARY_TAG))
+    TEMPORARY_PATTERN.format(name=r".+(?:\.mask\.png|\.overlay\.png|\.overlay\.jpg|\.json)\." + re.escape(TEMPORARY_TAG))
 )
 
 
@@ -232,8 +269,9 @@ class OutputNamer:
     (or on an image of an earlier stdin line) are refused instead of overwriting it.
     """
 
-    def __init__(self, out_dir: Path, inputs: Iterable[str] = (), reserved_tokens: Iterable[str] = ()) -> None:
+    def __init__(self, out_dir: Path, inputs: Iterable[str] = (), reserved_tokens: Iterable[str] = (), suffixes: dict[str, str] | None = None) -> None:
         self.out_dir = Path(out_dir)
+        self.suffixes = dict(suffixes or OUTPUT_SUFFIXES)
         self.taken: set[str] = set()
         self.id_lines: dict[str, int | None] = {}
         self.inputs = {_file_key(p) for p in inputs}
@@ -246,7 +284,7 @@ class OutputNamer:
         check_job(job, self.reserved_tokens)
         self.inputs.add(_file_key(job.image))
         stem = self.name_for(job)
-        paths = {kind: self.out_dir / f"{stem}{suffix}" for kind, suffix in OUTPUT_SUFFIXES.items()}
+        paths = {kind: self.out_dir / f"{stem}{suffix}" for kind, suffix in self.suffixes.items()}
         for path in paths.values():
             if _file_key(path) in self.inputs:
                 raise CoresError(f"{job.image}: its output {path} would overwrite an input image; choose another --out")
@@ -302,18 +340,22 @@ def _file_key(path: str | Path) -> str:
 
 def is_our_output(path: Path, kind: str | None = None) -> bool:
     """Whether ``path`` is a file that cores predict wrote: a regular file (never a link, a
-    folder or a FIFO) named like one of our outputs, which is a PNG with our marker of its kind
-    or a record whose ``outputs`` name this NAME's files. ``kind`` defaults to the name's."""
+    folder or a FIFO) named like one of our outputs, which is a PNG or JPEG with our marker of
+    its kind or a record whose ``outputs`` name this NAME's files. ``kind`` defaults to the
+    name's."""
     name = Path(path).name
-    kind = kind or next((k for k, suffix in OUTPUT_SUFFIXES.items() if name.endswith(suffix)), None)
-    if kind is None or not name.endswith(OUTPUT_SUFFIXES[kind]):
+    suffix = next((sfx for k, sfx in _KNOWN_SUFFIXES if name.endswith(sfx) and kind in (None, k)), None)
+    if suffix is None:
         return False
+    kind = kind or next(k for k, sfx in _KNOWN_SUFFIXES if sfx == suffix)
     try:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode):
             return False
         if kind == "json":
             return info.st_size <= MAX_RECORD_BYTES and _is_our_record(Path(path))
+        if suffix.endswith(".jpg"):
+            return _jpeg_marker(Path(path)) == kind
         return _png_marker(Path(path)) == kind
     except OSError:
         return False
@@ -348,6 +390,32 @@ def _png_marker(path: Path) -> str | None:
                 fh.seek(length + 4, os.SEEK_CUR)
 
 
+def _jpeg_marker(path: Path) -> str | None:
+    """Our kind from a JPEG's comment segment (COM), read from the segments before the scan
+    data without decoding any pixels; None for anything else."""
+    expected = MARKER_KEY.encode("latin-1") + b":"
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\xff\xd8":
+            return None
+        while True:
+            header = fh.read(4)
+            if len(header) < 4 or header[0] != 0xFF:
+                return None
+            kind, length = header[1], struct.unpack(">H", header[2:])[0]
+            if kind == 0xDA or length < 2:  # start of scan: no comment before it
+                return None
+            if kind == 0xFE and length <= 1024:
+                text = fh.read(length - 2)
+                if text.startswith(expected):
+                    return text[len(expected) :].decode("latin-1")
+            else:
+                fh.seek(length - 2, os.SEEK_CUR)
+
+
+def _jpeg_comment(kind: str) -> bytes:
+    return MARKER_KEY.encode("latin-1") + b":" + kind.encode("latin-1")
+
+
 def _is_our_record(path: Path) -> bool:
     try:
         record = json.loads(path.read_bytes())
@@ -357,8 +425,17 @@ def _is_our_record(path: Path) -> bool:
         return False
     stem = path.name[: -len(OUTPUT_SUFFIXES["json"])]
     outputs = record["outputs"]
-    # by name only: a folder moved since still holds our records
-    return all(isinstance(outputs.get(k), str) and Path(outputs[k]).name == f"{stem}{suffix}" for k, suffix in OUTPUT_SUFFIXES.items())
+    if not {"mask", "overlay", "json"} <= outputs.keys():
+        return False
+
+    def names_ours(kind: str) -> bool:
+        value = outputs[kind]
+        if value is None:  # not written (--no-png, --no-overlay); the record itself always is
+            return kind != "json"
+        # by name only: a folder moved since still holds our records
+        return isinstance(value, str) and any(k == kind and Path(value).name == f"{stem}{sfx}" for k, sfx in _KNOWN_SUFFIXES)
+
+    return all(names_ours(k) for k in ("mask", "overlay", "json"))
 
 
 def _png_info(kind: str) -> PngImagePlugin.PngInfo:
@@ -493,6 +570,10 @@ class StagedItem:
     paths: dict[str, Path]
     temporaries: dict[str, Path]
     record: dict = field(default_factory=dict)
+    superseded: list[Path] = field(default_factory=list)
+    """Names of this item's kinds this run does not write (``NAME.mask.png`` under
+    ``--no-png``, ``NAME.overlay.png`` under ``--overlay-format jpg``...): an earlier run's file
+    there is removed at commit, if ours, so that the folder holds one run's files per item."""
 
     def commit(self) -> dict:
         """Move the files into place, the record last; on failure leave none of them."""
@@ -507,7 +588,11 @@ class StagedItem:
             # An earlier run's record must not describe the new mask while the files move.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.paths["json"])
-            for kind in OUTPUT_SUFFIXES:
+            for path in self.superseded:
+                if is_our_output(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            for kind in self.paths:  # in order: the record last
                 os.replace(self.temporaries[kind], self.paths[kind])
                 placed.append(self.paths[kind])
         except OSError as exc:
@@ -532,6 +617,7 @@ def prepare_job(
     style: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     model_info: dict | None = None,
+    options: OutputOptions = OutputOptions(),
 ) -> StagedItem:
     """Predict one job and write its files under temporary names; :meth:`StagedItem.commit`
     puts them in place. Raises CoresError (a failed write is :class:`OutputWriteError`)."""
@@ -542,14 +628,21 @@ def prepare_job(
     stem = paths["json"].name[: -len(OUTPUT_SUFFIXES["json"])]
     pred = predictor.predict(img.pixels, job.query, style=style, mode=mode, sample_id=stem)
     t2 = time.perf_counter()
-    mask_image = Image.fromarray(pred.mask.astype(np.uint8) * 255, mode="L")
-    overlay_image = Image.fromarray(overlay(img.pixels, pred.level_masks, pred.level_tokens))
-    staged = StagedItem(paths, {})
+    superseded = [p for _, sfx in _KNOWN_SUFFIXES if (p := paths["json"].with_name(stem + sfx)) not in paths.values()]
+    staged = StagedItem(paths, {}, superseded=superseded)
     try:
-        # Level 1 compresses a 28 MP overlay ~5x faster than PNG's default 6, for ~20% more bytes.
-        staged.temporaries["mask"] = _write_temporary(paths["mask"], lambda fh: mask_image.save(fh, format="PNG", compress_level=1, pnginfo=_png_info("mask")))
-        staged.temporaries["overlay"] = _write_temporary(paths["overlay"], lambda fh: overlay_image.save(fh, format="PNG", compress_level=1, pnginfo=_png_info("overlay")))
-        staged.record = _record(job, stem, img, pred, paths, model_info)
+        if "mask" in paths:
+            mask_image = Image.fromarray(pred.mask.astype(np.uint8) * 255, mode="L")
+            # Level 1 compresses a 28 MP mask ~5x faster than PNG's default 6, for ~20% more bytes.
+            staged.temporaries["mask"] = _write_temporary(paths["mask"], lambda fh: mask_image.save(fh, format="PNG", compress_level=1, pnginfo=_png_info("mask")))
+        if "overlay" in paths:
+            overlay_image = Image.fromarray(overlay(img.pixels, pred.level_masks, pred.level_tokens, max_side=options.overlay_max_side))
+            if options.overlay_format == "jpg":
+                save = lambda fh: overlay_image.save(fh, format="JPEG", quality=JPEG_QUALITY, comment=_jpeg_comment("overlay"))  # noqa: E731
+            else:
+                save = lambda fh: overlay_image.save(fh, format="PNG", compress_level=1, pnginfo=_png_info("overlay"))  # noqa: E731
+            staged.temporaries["overlay"] = _write_temporary(paths["overlay"], save)
+        staged.record = _record(job, stem, img, pred, paths, model_info, options.levels)
         t3 = time.perf_counter()
         staged.record["timings_s"] = {
             "load_image": round(t1 - t0, 4),
@@ -583,14 +676,19 @@ def check_job(job: Job, reserved_tokens: Iterable[str] = ()) -> None:
         raise CoresError(f"{where}: the query contains {token}, a token the model reserves for itself; rephrase it without {token}")
 
 
-def _record(job: Job, stem: str, img, pred, paths: dict[str, Path], model_info: dict | None) -> dict:
-    outputs = {k: str(v.resolve()) for k, v in paths.items()}
-    return prediction_record(job.id or stem, str(job.image), job.query, img, pred, outputs, model_info)
+def _record(job: Job, stem: str, img, pred, paths: dict[str, Path], model_info: dict | None, levels_rle: bool = False) -> dict:
+    # a kind this run does not write is there as null: the record never names a missing file
+    outputs = {k: (str(paths[k].resolve()) if k in paths else None) for k in OUTPUT_SUFFIXES}
+    return prediction_record(job.id or stem, str(job.image), job.query, img, pred, outputs, model_info, levels_rle)
 
 
-def prediction_record(item_id: str, image: str, query: str, img: LoadedImage, pred: Prediction, outputs: dict[str, str], model_info: dict | None) -> dict:
+def prediction_record(
+    item_id: str, image: str, query: str, img: LoadedImage, pred: Prediction, outputs: dict[str, str | None], model_info: dict | None, levels_rle: bool = False
+) -> dict:
     """The JSON record of one prediction, as ``cores predict --json`` prints it (``outputs``:
-    the files written for it, by kind)."""
+    the files written for it by kind, null for a kind not written). ``mask_rle`` is the final
+    mask as COCO RLE (:mod:`cores_cli.rle`), so a pipeline needs no PNG; ``levels_rle`` adds
+    each chain level's mask to its entry of ``levels`` the same way."""
     h, w = img.size
     area = int(pred.mask.sum())
     record = {
@@ -607,8 +705,10 @@ def prediction_record(item_id: str, image: str, query: str, img: LoadedImage, pr
         "mask_area": area,
         "mask_fraction": area / float(h * w),
         "bbox": bbox(pred.mask),
+        "mask_rle": rle_encode(pred.mask),
         "levels": [
-            {"token": tok, "mask_area": int(m.sum()), "bbox": bbox(m)} for tok, m in zip(pred.level_tokens, pred.level_masks)
+            {"token": tok, "mask_area": int(m.sum()), "bbox": bbox(m), **({"mask_rle": rle_encode(m)} if levels_rle else {})}
+            for tok, m in zip(pred.level_tokens, pred.level_masks)
         ],
         "exemplars_used": pred.exemplars_used,
         "query_truncated": pred.query_truncated,

@@ -10,9 +10,21 @@ Outputs (all atomic):
 - beside it (or at ``--per-sample``) a JSONL with one line per target: id, sample_id, query,
   class_name, intersection, union, iou, size bucket, area_fraction (and ``warnings``, the kinds,
   for a sample that has some); the aggregate metrics can be recomputed from it alone
-  (:func:`metrics_from_records`);
+  (:func:`metrics_from_records`); with ``--save-masks`` each line also holds the predicted
+  mask as COCO RLE (``mask_rle``), so any other metric can be recomputed from it. The file
+  grows while evaluating, a batch at a time, so that an interrupted run can be resumed from it
+  (see below), and is rewritten in the samples' order at the end;
 - ``--save-vis N``: PNGs of the N lowest-IoU targets, prediction filled and ground truth
-  outlined.
+  outlined, with a legend and the whole query below the image.
+
+Resuming (``--resume``): the same command after an interruption continues from the per-target
+file: samples whose every target is in it are not evaluated again, and the results are those
+of an uninterrupted run. Beside the file, ``.NAME.resume.json`` holds what identifies the
+evaluation (:func:`run_fingerprint`: dataset, reader options, limit, mode, seed, model and its
+files, overrides, exemplar library, dtype, ``--save-masks``); a file written for another
+evaluation is refused. The batch size and the number of processes may change between the runs
+(they decide how fast, not what is computed). Without ``--resume`` an existing per-target file
+is replaced, as it always was, by the run's own from the moment the evaluation starts.
 
 Where things can go wrong, they do so before the model runs: :func:`check_outputs` refuses
 output paths that cannot be written (a folder given as a file, a parent that is a file, a
@@ -27,6 +39,8 @@ printed and written. A write that still fails after evaluating is reported per p
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -42,10 +56,11 @@ from ..bundled import EMBEDDED_SOURCE, synthetic_only_warning
 from ..data.records import ReaderWarning, warning_kind
 from ..data.registry import dataset_folders, load_samples, protocol
 from ..errors import CoresError
-from ..fileio import atomic_open, atomic_write_json, probe_writable, save_image_atomic
+from ..fileio import atomic_open, atomic_write_bytes, atomic_write_json, probe_writable, save_image_atomic
+from ..model.mllm import LlavaLoading
 from ..processing.transform import sample_pixels
 from ..visualize import comparison
-from .evaluate import EvalResult, Mode, evaluate
+from .evaluate import EvalResult, Mode, complete_samples, evaluate, pending
 from .loading import LoadedModel, exemplar_sampler
 
 
@@ -74,6 +89,14 @@ class EvalRequest:
     dtype: str = "auto"
     processes: int = 1
     """Processes to evaluate in; more than 1 launches them (unless already launched)."""
+    save_masks: bool = False
+    """Each per-target record holds its predicted mask as COCO RLE."""
+    resume: bool = False
+    """Continue from the per-target file of an interrupted run of the same evaluation."""
+    quantize: str | None = None
+    """``8bit``/``4bit``: the LLaVA loaded through bitsandbytes (CUDA)."""
+    device_map: str | None = None
+    """``auto``: the LLaVA spread over the visible GPUs (one process)."""
 
 
 @dataclass
@@ -378,11 +401,14 @@ def compute_eval(
     loaded: LoadedModel,
     samples: list | None = None,
     progress_factory: Callable[[int], Callable[[int], None]] | None = None,
+    resume: ResumeState | None = None,
 ) -> EvalRun:
-    """Evaluate (every rank takes its share) and gather what the outputs need; writes nothing.
-    ``samples`` defaults to :func:`load_eval_samples`; with ``req.strict``, reader warnings
-    stop the run first. ``progress_factory`` gets the number of samples this process
-    evaluates (its share under ``torch.distributed``)."""
+    """Evaluate (every rank takes its share) and gather what the outputs need. ``samples``
+    defaults to :func:`load_eval_samples`; with ``req.strict``, reader warnings stop the run
+    first. ``progress_factory`` gets the number of samples this process evaluates (its share
+    under ``torch.distributed``, less those ``resume`` holds). With ``resume`` (see
+    :func:`prepare_resume`) the per-target file is started and grows while evaluating; nothing
+    else is written."""
     from .distributed import gather_objects, rank_info, shard
 
     samples = load_eval_samples(req) if samples is None else samples
@@ -391,10 +417,25 @@ def compute_eval(
     sampler = exemplar_sampler(loaded.model, req.context_library, req.seed)
     ranks = rank_info()
     world = ranks.world
-    progress = progress_factory(len(shard(len(samples), ranks))) if progress_factory else None
+    done, log = None, None
+    if resume is not None:
+        failed = None
+        if ranks.is_main:
+            try:
+                TargetLog.start(resume, samples)
+            except CoresError as e:
+                failed = str(e)  # raised below, on every rank alike
+        # a barrier (no rank appends before the file is started) that also hands every rank
+        # the main process's view of what is done
+        failed, done = gather_objects((failed, resume.done) if ranks.is_main else None)[0]
+        if failed:
+            raise CoresError(failed)
+        log = TargetLog(partial_path(resume.path))
+    progress = progress_factory(len(shard(len(pending(samples, done)), ranks))) if progress_factory else None
     result = evaluate(
         loaded.model, samples, batch_size=req.batch_size, mode=req.mode, exemplars=sampler, seed=req.seed,
-        progress=progress, keep_worst=req.save_vis, log_left_out=False,
+        progress=progress, keep_worst=req.save_vis, log_left_out=False, save_masks=req.save_masks,
+        done=done, on_records=log.append if log is not None else None,
     )
     summary = WarningSummary.of(samples, result.left_out)
     proto = describe(req, loaded, len(samples), int(result.metrics["n"]), world, len(result.left_out))
@@ -432,8 +473,10 @@ def write_outputs(req: EvalRequest, loaded: LoadedModel, run: EvalRun) -> list[P
         try:
             with atomic_open(samples_file) as fh:
                 for r in run.result.records:
-                    fh.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+                    fh.write(_jsonl(r))
             written.append(samples_file)
+            # the run's own growing copy is complete in the file now (the fingerprint stays, for --resume)
+            partial_path(samples_file).unlink(missing_ok=True)
         except OSError as e:
             failed.append((samples_file, e))
             samples_file = None
@@ -475,7 +518,7 @@ def _draw(out_dir: Path, samples: list, worst: list[tuple[float, str, np.ndarray
         rnd = sample.rounds[int(r)]
         pixels = sample_pixels(sample)
         target = rnd.target.rasterize(*pixels.shape[:2])
-        img = comparison(pixels, pred, target, f"IoU {iou:.3f}: {rnd.query[:80]}")
+        img = comparison(pixels, pred, target, f"{tid}  IoU {iou:.3f}: {rnd.query}")
         path = out_dir / f"{rank:03d}_iou{iou:.3f}_{_safe(tid)}.png"
         try:
             save_image_atomic(Image.fromarray(img), path)
@@ -487,6 +530,200 @@ def _draw(out_dir: Path, samples: list, worst: list[tuple[float, str, np.ndarray
 
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-80:]
+
+
+# ------------------------------------------------------------------------------- resuming
+
+RESUME_KEY = "cores_eval_resume"
+"""The key that marks a ``.NAME.resume.json`` as ours; its value is the format's version."""
+_RECORD_FIELDS = ("id", "sample_id", "intersection", "union", "iou", "area_fraction")
+
+
+def resume_path(samples_file: Path) -> Path:
+    """Where the fingerprint of the evaluation writing ``samples_file`` is kept."""
+    return samples_file.with_name(f".{samples_file.name}.resume.json")
+
+
+def partial_path(samples_file: Path) -> Path:
+    """Where the per-target records grow while evaluating; ``samples_file`` itself is written
+    once, atomically, at the end (a killed run leaves the earlier file as it was)."""
+    return samples_file.with_name(f".{samples_file.name}.partial")
+
+
+def run_fingerprint(req: EvalRequest, device: Any) -> dict[str, Any]:
+    """What decides the per-target results of ``req`` (on ``device``): two runs with the same
+    fingerprint score every target alike. The model is identified by its resolved checkpoint
+    path and each of its files' size and modification time (a retrained ``best`` differs)."""
+    from ..runtime import resolve_dtype
+
+    return {
+        "cores_version": __version__,
+        "dataset": req.dataset,
+        "data_root": os.path.abspath(req.data_root) if req.data_root is not None else None,
+        "reader_options": json.loads(json.dumps(req.reader_options, default=str)),
+        "limit": req.limit,
+        "mode": req.mode,
+        "seed": req.seed,
+        "model": _model_identity(req),
+        "overrides": list(req.model_overrides),
+        "context_library": _file_identity(req.context_library) if req.context_library is not None else None,
+        "device": getattr(device, "type", str(device)),
+        "dtype": str(resolve_dtype(req.dtype, device)),
+        "quantize": req.quantize,
+        "device_map": req.device_map,
+        "save_masks": req.save_masks,
+    }
+
+
+def _model_identity(req: EvalRequest) -> dict[str, Any]:
+    from ..bundled import embedded_checkpoint
+    from .loading import resolve_checkpoint
+
+    if req.preset is not None:
+        return {"preset": req.preset}
+    ref = req.checkpoint if req.checkpoint is not None else embedded_checkpoint()
+    if ref is None:
+        return {"checkpoint": None}
+    path = Path(resolve_checkpoint(ref))
+    if not path.is_dir():
+        return {"checkpoint": str(ref)}  # the loader names what is wrong with it
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {"checkpoint": os.path.abspath(path), "files": [[p.relative_to(path).as_posix(), *_stat(p)] for p in files]}
+
+
+def _stat(path: Path) -> list[int]:
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        digest = None  # the loader reports it
+    return {"path": os.path.abspath(path), "sha256": digest}
+
+
+@dataclass
+class ResumeState:
+    """The per-target file of this run, what identifies the run, and the samples an earlier run
+    of it already scored (sample id → its records)."""
+
+    path: Path
+    fingerprint: dict[str, Any]
+    done: dict[str, list[dict]] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> int:
+        return sum(len(rs) for rs in self.done.values())
+
+
+def prepare_resume(req: EvalRequest, samples: list, device: Any) -> ResumeState | None:
+    """This run's :class:`ResumeState` (None without a per-target file), read before the model
+    loads: with ``req.resume``, the samples the file already holds, after checking that it was
+    written for this very evaluation. Raises CoresError when it cannot be resumed; writes
+    nothing."""
+    path = per_sample_path(req)
+    if path is None:
+        if req.resume:
+            raise CoresError("--resume continues from the per-target file: give --output or --per-sample, as in the interrupted run")
+        return None
+    state = ResumeState(path, run_fingerprint(req, device))
+    marker = resume_path(path)
+    earlier = _read_marker(marker)
+    if req.resume:
+        if earlier is None:
+            if path.exists():
+                raise CoresError(f"--resume: {path} has no record of the evaluation that wrote it ({marker.name} is missing or not cores eval's); run without --resume to start again")
+            return state  # nothing was written yet: this run starts from the beginning
+        if earlier != state.fingerprint:
+            differ = sorted(k for k in {*earlier, *state.fingerprint} if earlier.get(k) != state.fingerprint.get(k))
+            raise CoresError(
+                f"--resume: {path} belongs to another evaluation (it differs in: {', '.join(differ)}); "
+                "run the interrupted command again with --resume, or without --resume to start again"
+            )
+        # an interrupted run's records grow in the partial file; a finished run's are in the file
+        source = partial_path(path) if partial_path(path).exists() else path
+        state.done = complete_samples(samples, _read_records(source)) if source.exists() else {}
+    elif earlier is None and (marker.exists() or partial_path(path).exists()):
+        in_the_way = marker if marker.exists() else partial_path(path)
+        raise CoresError(f"{in_the_way} is in the way and cores eval did not write it; move it away or choose another --output")
+    return state
+
+
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    """The fingerprint in ``marker``, or None when it is missing or not ours."""
+    try:
+        data = json.loads(marker.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get(RESUME_KEY) != 1 or not isinstance(data.get("fingerprint"), dict):
+        return None
+    return data["fingerprint"]
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The per-target records of ``path``; a line cut short by the kill (the last, usually) or
+    otherwise unreadable is skipped, so its target is scored again."""
+    records = []
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CoresError(f"--resume: cannot read {path}: {e.strerror or e}") from None
+    for line in data.split(b"\n"):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and all(k in r for k in _RECORD_FIELDS):
+            records.append(r)
+    return records
+
+
+class TargetLog:
+    """The per-target records while evaluating, in the partial file beside the per-target file
+    (:func:`partial_path`): every process appends its batches' records as they are scored (one
+    locked write per batch, so lines from several processes never mix)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.failed: OSError | None = None
+        """The first append that failed (a full disk): the evaluation goes on without the file,
+        whose final write then reports the failure with the metrics kept."""
+
+    @staticmethod
+    def start(state: ResumeState, samples: list) -> None:
+        """On the main process, before any record is appended: the fingerprint beside the file,
+        then the partial file holding exactly the earlier run's complete samples (none when
+        starting again), in order, with no line cut short. Raises CoresError when they cannot be
+        written."""
+        kept = [r for s in samples for r in state.done.get(s.sample_id, ())]
+        marker = resume_path(state.path)
+        try:
+            atomic_write_bytes(marker, json.dumps({RESUME_KEY: 1, "fingerprint": state.fingerprint}, indent=2).encode("utf-8"))
+            atomic_write_bytes(partial_path(state.path), b"".join(_jsonl(r) for r in kept))
+        except OSError as e:
+            raise CoresError(f"cannot write {e.filename or state.path}: {e.strerror or e}; nothing was evaluated") from None
+
+    def append(self, records: list[dict]) -> None:
+        if self.failed is not None:
+            return
+        data = b"".join(_jsonl(r) for r in records)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)  # closing drops the lock
+        except OSError as e:
+            self.failed = e
+
+
+def _jsonl(record: dict) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 # ------------------------------------------------------------------------------ the command
@@ -503,6 +740,10 @@ class EvalView(Protocol):
 
     def caution(self, message: str) -> None:
         """A one-line caution about the model (the shipped one on data it never learned)."""
+
+    def resuming(self, path: Path, targets: int, samples: int, total: int) -> None:
+        """``--resume``: ``path`` already holds ``targets`` targets of ``samples`` of the
+        ``total`` samples; those are not evaluated again."""
 
     def evaluating(self, total: int, world: int) -> Callable[[int], None]:
         """Evaluation starts: ``total`` samples in this process (its share of ``world``);
@@ -530,6 +771,7 @@ class NullEvalView:
     def warnings(self, summary: WarningSummary, strict: bool) -> None: pass
     def random_weights(self, source: str) -> None: pass
     def caution(self, message: str) -> None: pass
+    def resuming(self, path: Path, targets: int, samples: int, total: int) -> None: pass
     def evaluating(self, total: int, world: int) -> Callable[[int], None]: return _no_progress
     def evaluated(self) -> None: pass
     def results(self, req: EvalRequest, run: EvalRun, source: str) -> None: pass
@@ -569,6 +811,9 @@ def run_eval(req: EvalRequest, view: EvalView | None = None, *, command: Sequenc
     from .loading import load_for_inference
 
     view = view or NullEvalView()
+    loading = LlavaLoading(req.quantize, req.device_map)  # unknown values refused first
+    if loading.device_map is not None and req.processes > 1:
+        raise CoresError("--device-map spreads one model over the GPUs of one process; it cannot be combined with --gpus N")
     # before any process, sample or model is started: a place that cannot take the results
     check_outputs(req)
     device = resolve_device(req.device)
@@ -576,10 +821,11 @@ def run_eval(req: EvalRequest, view: EvalView | None = None, *, command: Sequenc
         if not command:
             raise ValueError("run_eval with processes > 1 needs the command each process runs")
         # read and check here first, so bad input stops with one line, not one per process
-        _, summary = read_and_check(req)
+        samples, summary = read_and_check(req)
         if req.strict:
             view.warnings(summary, True)
             refuse_warnings(summary)
+        prepare_resume(req, samples, device)
         return EvalOutcome(run_launched(launch_command(eval_launch(req.processes, command))))
 
     proc = init_distributed(device)
@@ -590,13 +836,16 @@ def run_eval(req: EvalRequest, view: EvalView | None = None, *, command: Sequenc
         view.warnings(summary, req.strict)
         if req.strict:
             refuse_warnings(summary)
-        loaded = load_for_inference(req.checkpoint, req.preset, list(req.model_overrides), proc.device, resolve_dtype(req.dtype, proc.device), req.seed)
+        resume = prepare_resume(req, samples, proc.device)
+        if resume is not None and resume.done:
+            view.resuming(resume.path, resume.targets, len(resume.done), len(samples))
+        loaded = load_for_inference(req.checkpoint, req.preset, list(req.model_overrides), proc.device, resolve_dtype(req.dtype, proc.device), req.seed, loading)
         if loaded.random_weights:
             view.random_weights(loaded.source)
         if loaded.source == EMBEDDED_SOURCE and not req.dataset.startswith("synthetic:"):
             view.caution(synthetic_only_warning(f"{req.dataset} (not the synthetic benchmark)"))
         try:
-            run = compute_eval(req, loaded, samples, lambda total: view.evaluating(total, proc.world))
+            run = compute_eval(req, loaded, samples, lambda total: view.evaluating(total, proc.world), resume)
         finally:
             view.evaluated()
     finally:

@@ -16,6 +16,12 @@ Under ``torch.distributed`` each rank takes every ``world``-th sample (no paddin
 is counted twice), and the per-target records are gathered so every rank returns the same
 metrics.
 
+Resuming (``cores eval --resume``): ``done`` holds the records of the samples an earlier run of
+the same evaluation scored (every round of each); those samples are not predicted again, their
+records take their place in the result, and the metrics are those of one uninterrupted run.
+``on_records`` is given each batch's new records as soon as they are scored, for a file that
+an interrupted run can be resumed from.
+
 A sample whose image cannot be decoded (corrupt, truncated, gone since it was read) is that
 sample's problem, not the run's: its targets are left out of the metrics and it is listed in
 :attr:`EvalResult.left_out` with the reason, on every rank.
@@ -39,6 +45,8 @@ from ..errors import InputImageError
 from ..metrics import IoUAccumulator, area_fraction, intersection_union, size_bucket, target_iou
 from ..model.cores import CoresModel
 from ..processing.transform import sample_pixels
+from ..rle import decode as rle_decode
+from ..rle import encode as rle_encode
 from .distributed import gather_objects, rank_info, shard
 from .predictor import Prediction, Predictor, Query
 
@@ -53,12 +61,33 @@ class EvalResult:
     records: list[dict]
     """One per target: id, sample_id, query, class_name, intersection, union, iou, size,
     area_fraction, fallback (generate mode), warnings (the kinds of the sample's reader
-    warnings, only when it has some)."""
+    warnings, only when it has some), mask_rle (the predicted mask as COCO RLE, with
+    ``save_masks``), in the samples' order."""
     worst: list[tuple[float, str, np.ndarray]] = field(default_factory=list)
     """Up to ``keep_worst`` (iou, target id, predicted mask) with the lowest IoU, this rank's."""
     seconds: float = 0.0
     left_out: dict[str, str] = field(default_factory=dict)
     """Samples left out of the metrics (all ranks'), id → why: their image could not be read."""
+
+
+def complete_samples(samples: Sequence[SegSample], records: Sequence[dict]) -> dict[str, list[dict]]:
+    """sample id → its records, in round order, for the samples of ``samples`` whose every round
+    has a record in ``records`` (an earlier run's per-target file); the first record of a target
+    counts, a sample with some rounds missing is not done."""
+    by_target: dict[str, dict] = {}
+    for r in records:
+        by_target.setdefault(r.get("id"), r)
+    done = {}
+    for s in samples:
+        keys = _round_keys(s)
+        if keys and all(k in by_target for k in keys):
+            done[s.sample_id] = [by_target[k] for k in keys]
+    return done
+
+
+def pending(samples: Sequence[SegSample], done: dict[str, list[dict]] | None) -> list[int]:
+    """Indices of the samples still to evaluate: those not in ``done``."""
+    return [i for i, s in enumerate(samples) if not done or s.sample_id not in done]
 
 
 def metrics_from_records(records: Sequence[dict]) -> dict[str, float | int | None]:
@@ -82,29 +111,44 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     keep_worst: int = 0,
     log_left_out: bool = True,
+    save_masks: bool = False,
+    done: dict[str, list[dict]] | None = None,
+    on_records: Callable[[list[dict]], None] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``samples``; ``progress(n)`` is called with each batch's sample count.
     Samples left out for an unreadable image are logged (``log_left_out``: a caller that
-    reports :attr:`EvalResult.left_out` itself turns that off)."""
+    reports :attr:`EvalResult.left_out` itself turns that off). ``save_masks``: each record
+    holds its predicted mask as COCO RLE. ``done`` and ``on_records``: see the module's
+    docstring (resuming)."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
         ranks = rank_info()
-        indices = shard(len(samples), ranks)
-        runner = _Runner(model, exemplars, seed, keep_worst)
+        todo = pending(samples, done)
+        indices = [todo[k] for k in shard(len(todo), ranks)]
+        runner = _Runner(model, exemplars, seed, keep_worst, save_masks)
         step = batch_size if mode == "teacher" else 1  # generation runs one sample at a time
         for i in range(0, len(indices), step):
-            chunk = [samples[j] for j in indices[i : i + step]]
-            runner.run(chunk, mode)
+            positions = indices[i : i + step]
+            new = runner.run([samples[j] for j in positions], positions, mode)
+            if on_records and new:
+                on_records([{k: v for k, v in r.items() if k != "order"} for r in new])
             if progress:
-                progress(len(chunk))
+                progress(len(positions))
+        if done and ranks.is_main:
+            # the earlier run's targets, where an uninterrupted run would have scored them
+            position = {s.sample_id: i for i, s in enumerate(samples)}
+            for sample_id, earlier in done.items():
+                if sample_id in position:
+                    runner.records += [{**r, "order": (position[sample_id], n)} for n, r in enumerate(earlier)]
+            runner.add_earlier_worst(samples, done, mode)
         records, left_out = runner.records, runner.left_out
         if ranks.world > 1:
             gathered = gather_objects((records, left_out))
             records = [r for part in gathered for r in part[0]]
-            records.sort(key=lambda r: r["order"])
             left_out = {k: v for part in gathered for k, v in part[1].items()}
+        records.sort(key=lambda r: r["order"])  # the samples' order, whoever scored them when
         for r in records:
             r.pop("order", None)
         metrics = metrics_from_records(records)
@@ -112,7 +156,7 @@ def evaluate(
         if left_out and log_left_out and ranks.is_main:
             # library callers (training's validation) have no summary of their own to show it
             log.warning("left %d sample(s) out of the metrics, their image could not be read; the first: %s", len(left_out), next(iter(left_out.values())))
-        worst = sorted(((-key, tid, mask) for key, tid, mask in runner.worst), key=lambda w: w[0])
+        worst = sorted(((-key, tid, mask) for key, tid, mask in runner.worst), key=lambda w: (w[0], w[1]))
         ordered = {s.sample_id: left_out[s.sample_id] for s in samples if s.sample_id in left_out}
         return EvalResult(metrics, records, worst, time.perf_counter() - start, ordered)
     finally:
@@ -122,14 +166,14 @@ def evaluate(
 class _Runner:
     """Predicts each batch through the :class:`Predictor` and scores every round."""
 
-    def __init__(self, model: CoresModel, exemplars: ExemplarSampler | None, seed: int, keep_worst: int) -> None:
+    def __init__(self, model: CoresModel, exemplars: ExemplarSampler | None, seed: int, keep_worst: int, save_masks: bool = False) -> None:
         if exemplars is not None:
             exemplars = ExemplarSampler(exemplars.library, seed)
         self.predictor = Predictor(model, exemplars, seed=seed)
         self.records: list[dict] = []
         self.worst: list[tuple[float, str, np.ndarray]] = []
         self.keep_worst = keep_worst
-        self.order = 0
+        self.save_masks = save_masks
         self.left_out: dict[str, str] = {}
 
     def _pixels(self, sample: SegSample) -> np.ndarray | None:
@@ -141,19 +185,59 @@ class _Runner:
             self.left_out[sample.sample_id] = str(e)
             return None
 
-    def run(self, chunk: list[SegSample], mode: Mode) -> None:
+    def run(self, chunk: list[SegSample], positions: list[int], mode: Mode) -> list[dict]:
         """Predict every round of every readable sample of ``chunk`` (each its own query, named
-        ``{sample_id}#{round}``) and score it."""
-        readable = [(s, px) for s in chunk if (px := self._pixels(s)) is not None]
+        ``{sample_id}#{round}``) and score it; ``positions``: the samples' indices in the whole
+        list. Returns the new records."""
+        first = len(self.records)
+        readable = [(s, px, pos) for s, pos in zip(chunk, positions) if (px := self._pixels(s)) is not None]
         if not readable:
-            return
-        items = [(px, [Query(r.query, r.style, key, key) for r, key in zip(s.rounds, _round_keys(s))]) for s, px in readable]
-        predictions = self.predictor.predict_images(items, mode, final_only=True)
-        for (sample, pixels), preds in zip(readable, predictions):
+            return []
+        predictions = self._predict([(s, px) for s, px, _ in readable], mode)
+        for (sample, pixels, pos), preds in zip(readable, predictions):
             for r_index, (rnd, pred) in enumerate(zip(sample.rounds, preds)):
-                self._score(sample, r_index, rnd, pred, pixels.shape[:2], mode == "generate")
+                self._score(sample, pos, r_index, rnd, pred, pixels.shape[:2], mode == "generate")
+        return self.records[first:]
 
-    def _score(self, sample: SegSample, r_index: int, rnd, pred: Prediction, size: tuple[int, int], with_fallback: bool) -> None:
+    def _predict(self, readable: list[tuple[SegSample, np.ndarray]], mode: Mode) -> list[list[Prediction]]:
+        items = [(px, [Query(r.query, r.style, key, key) for r, key in zip(s.rounds, _round_keys(s))]) for s, px in readable]
+        return self.predictor.predict_images(items, mode, final_only=True)
+
+    def add_earlier_worst(self, samples: Sequence[SegSample], done: dict[str, list[dict]], mode: Mode) -> None:
+        """Let the targets an earlier run scored compete for the ``keep_worst`` lowest IoUs. Only
+        the few that would enter are given masks: from their ``mask_rle`` when saved, else
+        predicted again (the same query names, so the same masks)."""
+        if not self.keep_worst:
+            return
+        earlier = sorted(((-r["iou"], r["id"], r) for rs in done.values() for r in rs), reverse=True)[: self.keep_worst]
+        if len(self.worst) >= self.keep_worst:
+            earlier = [e for e in earlier if (e[0], e[1]) > (self.worst[0][0], self.worst[0][1])]
+        by_id = {s.sample_id: s for s in samples}
+        masks: dict[str, np.ndarray] = {}
+        for _, tid, r in earlier:
+            if isinstance(r.get("mask_rle"), dict):
+                masks[tid] = rle_decode(r["mask_rle"])
+                continue
+            sample = by_id[r["sample_id"]]
+            pixels = self._pixels(sample)
+            if pixels is None:
+                continue
+            for key, pred in zip(_round_keys(sample), self._predict([(sample, pixels)], mode)[0]):
+                masks[key] = pred.mask
+        for key, tid, _ in earlier:
+            if tid in masks:
+                self._keep(key, tid, masks[tid])
+
+    def _keep(self, key: float, tid: str, mask: np.ndarray) -> None:
+        # a min-heap on (-iou, id) keeps the N lowest IoUs (ties: the larger id), whatever the
+        # order targets come in: an interrupted and resumed run keeps the same ones
+        item = (key, tid, mask)
+        if len(self.worst) < self.keep_worst:
+            heapq.heappush(self.worst, item)
+        elif (key, tid) > (self.worst[0][0], self.worst[0][1]):
+            heapq.heapreplace(self.worst, item)
+
+    def _score(self, sample: SegSample, position: int, r_index: int, rnd, pred: Prediction, size: tuple[int, int], with_fallback: bool) -> None:
         target = rnd.target.rasterize(*size)
         inter, union = intersection_union(pred.mask, target)
         frac = area_fraction(target)
@@ -168,7 +252,7 @@ class _Runner:
             "iou": target_iou(inter, union),
             "size": size_bucket(frac),
             "area_fraction": frac,
-            "order": self.order,
+            "order": (position, r_index),
         }
         if with_fallback:
             record["fallback"] = pred.fallback
@@ -176,15 +260,12 @@ class _Runner:
         if kinds:
             # so a reader of the per-target file can leave out targets read from a doubtful annotation
             record["warnings"] = kinds
-        self.order += 1
+        if self.save_masks:
+            # the mask itself, so that any metric can be recomputed from the file alone
+            record["mask_rle"] = rle_encode(pred.mask)
         self.records.append(record)
         if self.keep_worst:
-            # a min-heap on -iou keeps the N lowest IoUs, the best of them at the root
-            item = (-record["iou"], tid, pred.mask)
-            if len(self.worst) < self.keep_worst:
-                heapq.heappush(self.worst, item)
-            elif item > self.worst[0]:
-                heapq.heapreplace(self.worst, item)
+            self._keep(-record["iou"], tid, pred.mask)
 
 
 def _round_keys(sample: SegSample) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Protocol
 from ..bundled import EMBEDDED_SOURCE, is_synthetic_scene_size, synthetic_only_warning
 from ..errors import CoresError
 from ..images import DEFAULT_MAX_PIXELS
-from .batch_predict import Job, OutputNamer, StopSignals, output_dir_lock, prepare_job, remove_stale_temporaries
+from .batch_predict import Job, OutputNamer, OutputOptions, StopSignals, output_dir_lock, prepare_job, remove_stale_temporaries
 from .predictor import Mode
 
 
@@ -32,6 +32,12 @@ class PredictRequest:
     mode: Mode = "teacher"
     style: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    outputs: OutputOptions = field(default_factory=OutputOptions)
+    """Which files each item gets (``--no-png``, ``--no-overlay``, ``--overlay-format``...)."""
+    quantize: str | None = None
+    """``8bit``/``4bit``: the LLaVA loaded through bitsandbytes (CUDA)."""
+    device_map: str | None = None
+    """``auto``: the LLaVA spread over the visible GPUs."""
 
 
 class PredictReporter(Protocol):
@@ -70,7 +76,15 @@ def run_predict(request: PredictRequest, jobs: Iterable[Job], total: int | None,
         if stale:
             reporter.warning(f"removed {len(stale)} unfinished file{'s' if len(stale) != 1 else ''} that an interrupted run left in {out}")
         predictor, loaded, model_info = load_predictor(
-            request.checkpoint, request.preset, request.overrides, request.device, request.dtype, request.context_library, request.seed
+            request.checkpoint,
+            request.preset,
+            request.overrides,
+            request.device,
+            request.dtype,
+            request.context_library,
+            request.seed,
+            quantize=request.quantize,
+            device_map=request.device_map,
         )
         if loaded.random_weights:
             reporter.warning(f"{loaded.source}: masks are meaningless; use --checkpoint for real predictions")
@@ -78,13 +92,13 @@ def run_predict(request: PredictRequest, jobs: Iterable[Job], total: int | None,
             reporter.warning(f"checkpoint has tensors the model does not use: {loaded.report.summary()}")
         jobs = list(jobs) if total is not None else jobs
         # a folder's or glob's files are all known up front: no output may land on one of them
-        namer = OutputNamer(out, [j.image for j in jobs] if total is not None else [], predictor.reserved_tokens())
+        namer = OutputNamer(out, [j.image for j in jobs] if total is not None else [], predictor.reserved_tokens(), request.outputs.suffixes())
         cautioned = loaded.source != EMBEDDED_SOURCE  # only the shipped model needs the caution
         reporter.started(total)
         try:
             for job in jobs:  # a signal while waiting for the next stdin line stops here
                 try:
-                    staged = prepare_job(predictor, job, namer.paths_for(job), request.mode, request.style, request.max_pixels, model_info)
+                    staged = prepare_job(predictor, job, namer.paths_for(job), request.mode, request.style, request.max_pixels, model_info, request.outputs)
                     try:
                         # a signal waits while the files move into place and the item is reported
                         with signals.deferred():
