@@ -44,7 +44,15 @@ def main() -> None:
     samples = load_samples("synthetic:val", n=args.samples)
     ev.evaluate(model, samples[:4], batch_size=args.batch_size)  # warm-up: kernels, allocator
     original = model.generate_answers
-    model.generate_answers = lambda batch, n=args.max_new_tokens: original(batch, n)
+    decoded: list[int] = []
+
+    def counting(batch, *_):
+        # the Predictor passes its own max_new_tokens (64): this run's length must win over it
+        rows = original(batch, args.max_new_tokens)
+        decoded.extend(len(r) for r in rows)
+        return rows
+
+    model.generate_answers = counting
 
     teacher_rates, generate_rates = [], []
     for _ in range(args.repeats):
@@ -68,6 +76,7 @@ def main() -> None:
         "teacher_rates": [round(r, 2) for r in teacher_rates],
         "generate_rates": [round(r, 2) for r in generate_rates],
         "same_masks": [r["intersection"] for r in teacher.records] == [r["intersection"] for r in generate.records],
+        "decoded_tokens_per_answer": statistics.median(decoded) if decoded else 0,
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
     }
