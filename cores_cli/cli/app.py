@@ -23,14 +23,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command("build-context")(build_context)
-app.command("train")(train)
-app.command("eval")(evaluate)
-app.command("predict")(predict)
-app.command("make-reasonpart")(make_reasonpart)
-app.command("export")(export)
-app.command("import")(import_source)
-app.command("demo")(demo)
+app.command("build-context", short_help="Ask a chat model for question/answer exemplars and append them to a library.")(build_context)
+app.command("train", short_help="Train CoReS (LoRA, chain tokens, β, refiner, SAM mask decoder) on a dataset mixture.")(train)
+app.command("eval", short_help="Evaluate a checkpoint on a dataset: gIoU, cIoU and the protocol behind them.")(evaluate)
+app.command("predict", short_help="Segment what a question refers to in images: mask, overlay and JSON record.")(predict)
+app.command("make-reasonpart", short_help="Write reasoning questions about object parts in ReasonSeg format (ReasonPart).")(make_reasonpart)
+app.command("export", short_help="Merge LoRA into a standalone HF LLaVA directory beside cores' other weights.")(export)
+app.command("import", short_help="Convert a LISA or original-LLaVA checkpoint into a cores checkpoint.")(import_source)
+app.command("demo", short_help="Serve a local web page to try a model (Gradio).")(demo)
 
 
 def _version(value: bool) -> None:
