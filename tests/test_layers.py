@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import REPO
 
 ABOVE_THE_LEAVES = {"model", "data", "processing", "engine", "builders", "cli", "api", "demo"}
-LEAVES = ("config", "configio", "contexts", "metrics", "images", "fileio", "runtime", "ignore_values", "bundled", "errors", "visualize", "hub", "rle")
+LEAVES = ("config", "configio", "contexts", "metrics", "images", "fileio", "runtime", "ignore_values", "bundled", "errors", "visualize", "hub", "rle", "threads")
 
 # layer (a folder of cores_cli, or a top-level module) -> the layers it must never import
 FORBIDDEN = {

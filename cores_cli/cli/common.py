@@ -51,3 +51,13 @@ def warn(message: str) -> None:
 def stdout_line(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def use_threads(threads: int | None) -> int:
+    """``--threads``: set torch's CPU threads for this process (one of the run's processes when
+    a launcher started it: torchrun's LOCAL_WORLD_SIZE)."""
+    import os
+
+    from ..threads import apply_threads
+
+    return apply_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import clean_errors, err_console
+from .common import clean_errors, err_console, use_threads
 
 
 @clean_errors
@@ -16,6 +16,7 @@ def demo(
     port: int = typer.Option(7860, "--port", min=1, max=65535, help="Port to serve on."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch. Default: this process's share of the CPUs that are idle now (OMP_NUM_THREADS, when set, is kept)."),
     workdir: Path = typer.Option(None, "--workdir", help="A folder in which the demo makes its own folder for each request's mask PNG and JSON record (default: the system's temporary folder); only that folder is served."),
     quantize: str = typer.Option(None, "--quantize", help="8bit or 4bit: load the LLaVA through bitsandbytes (CUDA; pip install 'cores\\[quantize]')."),
     device_map: str = typer.Option(None, "--device-map", help="auto: spread the LLaVA over the visible GPUs (a 13B model on two smaller GPUs)."),
@@ -36,6 +37,7 @@ def demo(
     from ..demo.session import DemoSession
 
     require_gradio()  # before the model loads: the missing extra is the first thing to say
+    use_threads(threads)
     segmenter = load(str(checkpoint) if checkpoint else None, device=device, dtype=dtype, quantize=quantize, device_map=device_map)
     session = DemoSession(segmenter, workdir or Path(tempfile.gettempdir()))
     app = build_app(session, [(example_image(), EXAMPLE_QUERY)])

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import CoresError
-from .common import clean_errors, err_console, fail, stdout_line, warn
+from .common import clean_errors, err_console, fail, stdout_line, use_threads, warn
 
 if TYPE_CHECKING:  # names only: the engine imports torch
     from ..engine.eval_run import EvalRequest, EvalRun, WarningSummary
@@ -59,6 +59,7 @@ def evaluate(
     gpus: int = typer.Option(1, "--gpus", min=1, help="Processes to evaluate in (one per GPU; CPU processes when there is no GPU), via torchrun."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch. Default: this process's share of the CPUs that are idle now (OMP_NUM_THREADS, when set, is kept)."),
     quantize: str = typer.Option(None, "--quantize", help="8bit or 4bit: load the LLaVA through bitsandbytes, as LISA's --load_in_8bit/--load_in_4bit (CUDA; pip install 'cores\\[quantize]')."),
     device_map: str = typer.Option(None, "--device-map", help="auto: spread the LLaVA over the visible GPUs (a 13B model on two smaller GPUs)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-query in-context exemplar draw."),
@@ -110,6 +111,7 @@ def evaluate(
         device_map=device_map,
     )
     # with --gpus N this same command line runs in every process (without its --gpus)
+    use_threads(threads)
     outcome = run_eval(req, EvalConsole(dataset, json_out), command=sys.argv[1:])
     if outcome.exit_code != 0:
         raise typer.Exit(outcome.exit_code)

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from ..bundled import EXAMPLE_QUERY, example_image
 from ..errors import CoresError
 from ..images import DEFAULT_MAX_PIXELS
-from .common import clean_errors, err_console, fail, stdout_line, warn
+from .common import clean_errors, err_console, fail, stdout_line, use_threads, warn
 
 
 class ModeChoice(str, Enum):
@@ -51,6 +51,7 @@ def predict(
     context_library: Path = typer.Option(None, "--context-library", help="In-context exemplar library (JSONL); default: the model's, else the shipped one."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch. Default: this process's share of the CPUs that are idle now (OMP_NUM_THREADS, when set, is kept)."),
     quantize: str = typer.Option(None, "--quantize", help="8bit or 4bit: load the LLaVA through bitsandbytes, as LISA's --load_in_8bit/--load_in_4bit (CUDA; pip install 'cores\\[quantize]')."),
     device_map: str = typer.Option(None, "--device-map", help="auto: spread the LLaVA over the visible GPUs (a 13B model on two smaller GPUs)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse images larger than this many pixels (checked before decoding)."),
@@ -110,6 +111,7 @@ def predict(
     request = PredictRequest(out, checkpoint, preset, list(set_), device, dtype, context_library, seed, mode.value, style.value, max_pixels, options, quantize, device_map)
     outcome = PredictOutcome()
     try:
+        use_threads(threads)
         run_predict(request, jobs, total, _View(json_out), outcome)
     except Interrupted as exc:
         n = len(outcome.done)
