@@ -103,7 +103,7 @@ def test_the_command_says_how_to_install_the_extra_when_gradio_is_missing(monkey
 
 # ------------------------------------------------------------------------------ the page
 
-gradio = pytest.importorskip("gradio", reason='the web page needs the demo extra: pip install "cores[demo]"')
+NEEDS_GRADIO = 'the web page needs the demo extra: pip install "cores[demo]"'
 
 
 def free_port() -> int:
@@ -114,6 +114,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def page(session):
+    pytest.importorskip("gradio", reason=NEEDS_GRADIO)
     from cores_cli.demo.app import build_app, launch
 
     app = build_app(session, [(example_image(), EXAMPLE_QUERY)])
@@ -157,6 +158,7 @@ def test_the_page_answers_queues_and_keeps_serving_after_bad_uploads(page, sessi
 
 
 def test_the_page_binds_to_localhost_serves_only_its_files_and_never_shares(session, monkeypatch):
+    pytest.importorskip("gradio", reason=NEEDS_GRADIO)
     import inspect
 
     from cores_cli.cli.demo import demo
