@@ -36,9 +36,10 @@ SMALL_TARGET = 512
 """An enlarged image's long side reaches at least this (by a whole factor)."""
 DEFAULT_MAX_SIDE = 1280
 """Longest side of an overlay by default. A 28 MP photo (LISA's wash_hands.jpg, 4793×5953) gives
-a 1.5 MB PNG at this size and 2.0 MB at 1536, so 1280 keeps such overlays under ~2 MB (PNG at
-compression 1, as cores predict writes them; a JPEG is about 8 times smaller) while staying
-sharp on a common screen. Masks keep the image's full size; only the overlay is shrunk."""
+a 1.36 MB PNG at this size and 1.88 MB at 1536 (PNG at compression 1, as cores predict writes
+them; a JPEG is about 7 times smaller; ``benchmarks/overlay_size.py``), so 1280 keeps such
+overlays under ~2 MB with a margin while staying sharp on a common screen. Masks keep the
+image's full size; only the overlay is shrunk."""
 
 STRIP_BACKGROUND: Colour = (24, 24, 24)
 TEXT_COLOUR: Colour = (255, 255, 255)

@@ -424,3 +424,12 @@ def test_a_hub_id_with_a_revision_resolves_that_snapshot(imported, offline_hub, 
     assert resolve_checkpoint(f"someone/cores-rev@{commit}") == snapshot
     with pytest.raises(CoresError, match=r"someone/cores-rev@0000000000000000000000000000000000000000 is not in the cache"):
         resolve_checkpoint("someone/cores-rev@" + "0" * 40)
+
+
+def test_the_import_reports_its_progress_tensor_by_tensor(sources, tmp_path):
+    _, _, lisa = sources
+    calls: list[tuple[int, int]] = []
+    import_checkpoint(lisa.path, tmp_path / "out", sam_preset="tiny", progress=lambda done, total: calls.append((done, total)))
+    totals = {total for _, total in calls}
+    assert len(totals) == 1 and [done for done, _ in calls] == list(range(1, totals.pop() + 1))
+    assert calls[-1][0] == len(read_checkpoint_dir(tmp_path / "out" / "llava"))  # one call per tensor written

@@ -456,20 +456,17 @@ def _model_config(fmt: str, sam: SamConfig, mllm: MllmConfig, overrides: list[st
         raise CoresError(f"--set: {exc}") from None
 
 
-def _vocab_rows(source: Source, tok) -> tuple[int, int]:
-    """(rows in the source's embeddings, rows the output needs): the tokenizer may have grown."""
-    rows = int(source.weights["model.embed_tokens.weight"].shape[0])
-    return rows, max(rows, len(tok))
-
-
 def _write_llava(
     folder: Path, source: Source, clip: ClipSource, plan: KeyPlan, cfg: ModelConfig, tok, report: ImportReport, progress: Callable[[int, int], None] | None = None
 ) -> int:
     """The HF LLaVA directory: config.json and safetensors shards, written shard by shard."""
-    src_rows, rows = _vocab_rows(source, tok)
+    embed = source.weights["model.embed_tokens.weight"]
+    # the tokenizer may have grown past the source's rows (never shrink: vocabularies are padded)
+    src_rows, dtype = int(embed.shape[0]), embed.dtype
+    rows = max(src_rows, len(tok))
+    del embed  # read again, in its turn, when its shard is written
     hf = llava_config(cfg.mllm, rows, cfg.mllm.image_token_index, tok.pad_token_id)
     hf.text_config.bos_token_id, hf.text_config.eos_token_id = tok.bos_token_id, tok.eos_token_id
-    dtype = source.weights["model.embed_tokens.weight"].dtype
     hf.dtype = dtype
     expected = _meta_shapes(hf)
 

@@ -10,7 +10,6 @@ and no second copy of a 10 GB shard in memory.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -54,10 +53,6 @@ class SourceWeights:
             return handle.get_tensor(name)
         except SafetensorError as exc:
             raise CheckpointError(f"{path}: cannot read {name}: {exc}") from None
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.files:
-            yield name, self[name]
 
     def close(self) -> None:
         self._open.clear()
