@@ -5,8 +5,11 @@ so an image's embedding never changes during a run, yet the encoder (ViT-H at 10
 3 TMACs a pass) runs for every draw of every image. The cache stores each embedding once.
 
 Key: BLAKE2b of (cache format, a fingerprint of the image encoder's weights, the input's dtype
-and shape, the exact bytes of the preprocessed SAM input tensor). Anything that changes the
-encoder's input or its weights therefore changes the key; a stale entry cannot be hit. Entries
+and shape, and the input itself). The input is named by the processor's digest of it (SHA-256
+of the resized uint8 pixels and the normalisation, :func:`~cores_cli.processing.transform.sam_input_digest`:
+about a fifth of the bytes of the float tensor, and no copy of it), or, for a batch that carries
+no digests, by the exact bytes of the float tensor. Anything that changes the encoder's input or
+its weights therefore changes the key; a stale entry cannot be hit. Entries
 are safetensors files (``ab/abcdef….safetensors``) written atomically, so several processes
 may share one folder. The cache refuses to attach when the image encoder is trainable
 (``sam_image_encoder`` in ``model.train_extra``): its embeddings would go stale at every step.
@@ -26,7 +29,7 @@ from safetensors.torch import save as save_bytes
 from ..errors import CoresError
 from ..fileio import atomic_write_bytes
 
-CACHE_FORMAT = "cores-sam-embedding-v1"
+CACHE_FORMAT = "cores-sam-embedding-v2"
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -62,11 +65,12 @@ class EmbeddingCache:
         except OSError as exc:
             raise CoresError(f"cannot create the embedding cache folder {self.directory}: {exc}") from None
 
-    def key(self, image: torch.Tensor) -> str:
-        """Key of one preprocessed SAM input (3, S, S)."""
+    def key(self, image: torch.Tensor, digest: str | None = None) -> str:
+        """Key of one preprocessed SAM input (3, S, S), named by the processor's ``digest`` of
+        it when there is one, else by its bytes."""
         h = hashlib.blake2b(digest_size=20)
         h.update(f"{CACHE_FORMAT}|{self.fingerprint}|{image.dtype}|{tuple(image.shape)}|".encode())
-        h.update(_tensor_bytes(image))
+        h.update(f"digest:{digest}".encode() if digest else b"tensor:" + _tensor_bytes(image))
         return h.hexdigest()
 
     def path(self, key: str) -> Path:
@@ -88,10 +92,10 @@ class EmbeddingCache:
     def put(self, key: str, embedding: torch.Tensor) -> None:
         atomic_write_bytes(self.path(key), save_bytes({"embedding": embedding.detach().to("cpu").contiguous()}))
 
-    def encode(self, images: torch.Tensor, compute) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, compute, digests: list[str] | None = None) -> torch.Tensor:
         """Embeddings of ``images`` (B, 3, S, S): cached ones read, the others computed with
-        ``compute(subset)`` and stored."""
-        keys = [self.key(img) for img in images]
+        ``compute(subset)`` and stored. ``digests``: the processor's, one per image."""
+        keys = [self.key(img, digests[i] if digests else None) for i, img in enumerate(images)]
         found = [self.get(k) for k in keys]
         missing = [i for i, t in enumerate(found) if t is None]
         self.stats.hits += len(keys) - len(missing)
@@ -120,8 +124,8 @@ def attach_embedding_cache(model, directory: str | Path) -> EmbeddingCache:
     cache = EmbeddingCache(directory, encoder_fingerprint(encoder))
     original = model.encode_images
 
-    def encode_images(sam_images: torch.Tensor) -> torch.Tensor:
-        return cache.encode(sam_images, original)
+    def encode_images(sam_images: torch.Tensor, digests: list[str] | None = None) -> torch.Tensor:
+        return cache.encode(sam_images, original, digests)
 
     model.encode_images = encode_images
     model.embedding_cache = cache

@@ -4,9 +4,10 @@
 Teacher-forced by default: the fixed answer template (with its chain tokens) is in the input,
 one forward pass for a whole batch of images and their queries, as LISA's ``validate()`` does;
 the queries of one image share one SAM image-encoder pass. ``mode="generate"`` lets the LLM
-write each answer (one query at a time); when that answer does not hold exactly one complete
-chain, the template is used instead and the prediction says so (``fallback=True``), so the user
-always gets a mask.
+write each answer (one query at a time) and reads the chain's hidden states from that same
+generation (one LLM pass); when that answer does not hold exactly one complete chain, the
+template is used instead and the prediction says so (``fallback=True``), so the user always
+gets a mask.
 
 The input is an image's pixels and its :class:`Query` objects: no record, no target.
 """
@@ -99,6 +100,10 @@ class Predictor:
         self.transform = SampleTransform.for_model(model, exemplars, with_targets=False)
         self.param = next(model.parameters())
         self._reserved: tuple[str, ...] | None = None
+        self._one_pass = True
+        """Generate mode reuses the generation's hidden states; False reruns prompt and answer
+        teacher-forced (the former two-pass path, kept for benchmarks/generate_speed.py and the
+        tests that compare the two)."""
 
     def reserved_tokens(self) -> tuple[str, ...]:
         """Text a query must not hold: the chain tokens, ``<image>`` and the tokenizer's other
@@ -162,11 +167,12 @@ class Predictor:
             image, [(query.text, style)], query.name or "query", generate=generate, exemplar_key=query.exemplar_key, image_key=image_key
         )
 
-    def _run(self, rows: list[EncodedSample], t0: float, final_only: bool) -> list[Prediction]:
-        """One teacher-forced forward pass over ``rows`` (one target each)."""
+    def _run(self, rows: list[EncodedSample], t0: float, final_only: bool, hidden: torch.Tensor | None = None) -> list[Prediction]:
+        """One teacher-forced forward pass over ``rows`` (one target each); with ``hidden``, the
+        language pass is skipped and the chain's states are read from it."""
         t1 = time.perf_counter()
         batch = collate(rows, self.model.tokenizer.pad_token_id).to(self.param.device, self.param.dtype)
-        out = self.model(batch, compute_loss=False)
+        out = self.model(batch, compute_loss=False, hidden=hidden)
         levels = out.level_logits[-1:] if final_only else out.level_logits
         image_size = self.cfg.sam.image_size
         masks = []
@@ -192,8 +198,9 @@ class Predictor:
         ]
 
     def _generated(self, image: ImageInputs, query: Query, final_only: bool) -> Prediction:
-        """Let the LLM answer, then run its answer teacher-forced; the template when the answer
-        holds no usable chain. ``preprocess_s`` includes the generation."""
+        """Let the LLM answer and take the chain's states from that generation (SAM's passes
+        only); the template when the answer holds no usable chain. ``preprocess_s`` includes
+        the generation."""
         t0 = time.perf_counter()
         prompt = self._encode(image, query, generate=True)
         batch = collate([prompt], self.model.tokenizer.pad_token_id, padding_side="left").to(self.param.device, self.param.dtype)
@@ -201,15 +208,42 @@ class Predictor:
         text = self.model.tokenizer.decode(new_ids, skip_special_tokens=False)
         ids = prompt.input_ids + new_ids
         try:
-            self.model.chain_positions(torch.tensor([ids]), [1])
+            positions = self.model.chain_positions(torch.tensor([ids]), [1])
         except CoresError:
             pred = self._run([self._encode(image, query)], t0, final_only)[0]
             pred.fallback = True
         else:
-            pred = self._run([prompt.with_answer(ids, text)], t0, final_only)[0]
+            # answers handed in from elsewhere (a plain list of ids) carry no states
+            states = getattr(new_ids, "states", None) if self._one_pass else None
+            # an answer cut by max_new_tokens right after its chain ends on a token never fed
+            # back, whose state the generation did not compute: then the answer is rerun whole
+            if states is not None and states.shape[0] < self.model.states_needed(positions):
+                states = None
+            hidden = None if states is None else states.unsqueeze(0)
+            pred = self._run([prompt.with_answer(ids, text)], t0, final_only, hidden=hidden)[0]
         pred.mode = "generate"
         pred.generated_text = text
         return pred
+
+    @torch.no_grad()
+    def predict_prepared(
+        self,
+        items: Sequence[tuple[ImageInputs, Sequence[Query]]],
+        mode: Mode = "teacher",
+        final_only: bool = False,
+    ) -> list[list[Prediction]]:
+        """:meth:`predict_images` for images already made ready by ``self.transform.image``
+        (elsewhere: in a worker process of :mod:`cores_cli.engine.image_pipeline`), in the same
+        nesting; the same predictions. ``preprocess_s`` then counts the conversations only."""
+        t0 = time.perf_counter()
+        if mode == "generate":
+            return [[self._generated(image, q, final_only) for q in queries] for image, queries in items]
+        rows = []
+        for i, (image, queries) in enumerate(items):
+            shared = f"image-{i}" if len(queries) > 1 else ""
+            rows.extend(self._encode(image, q, image_key=shared) for q in queries)
+        predictions = iter(self._run(rows, t0, final_only))
+        return [[next(predictions) for _ in queries] for _, queries in items]
 
 
 def _clean_answer(text: str) -> str:

@@ -1,12 +1,15 @@
 """CoresModel: LLaVA's chain of reasoning driving SAM's chain of segmenting.
 
 ``forward`` is teacher-forced (the answer with its chain tokens is in the input, one pass, as in
-LISA's training and ``validate()``); ``generate_answers`` lets the LLM write its answers. The
-model takes device and dtype from its own parameters; callers move it once.
+LISA's training and ``validate()``); ``generate_answers`` lets the LLM write its answers and
+keeps the last-layer hidden states it computed on the way, which ``forward(hidden=...)`` takes in
+place of a second language pass. The model takes device and dtype from its own parameters;
+callers move it once.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +52,18 @@ class CoresOutput:
     def loss_parts(self) -> dict[str, float]:
         parts = {"loss": self.loss, "ce": self.loss_ce, "bce": self.loss_bce, "dice": self.loss_dice, "intermediate": self.loss_intermediate}
         return {k: float(v.detach()) for k, v in parts.items() if v is not None}
+
+
+class AnswerIds(list):
+    """One generated answer: its new token ids (a plain ``list[int]`` to every caller) and
+    ``states``, the last-layer hidden states (P + K, D) the generation computed for the row's P
+    prompt tokens and its first K answer tokens (every token fed back into the model, so all but
+    the last, which was only predicted). The same quantity as :meth:`CoresModel.language_hidden`
+    at those positions, up to the float noise of cached attention; None when unknown."""
+
+    def __init__(self, ids: list[int], states: torch.Tensor | None = None) -> None:
+        super().__init__(ids)
+        self.states = states
 
 
 class CoresModel(nn.Module):
@@ -112,8 +127,9 @@ class CoresModel(nn.Module):
 
     # ------------------------------------------------------------------ passes
 
-    def encode_images(self, sam_images: torch.Tensor) -> torch.Tensor:
-        """SAM image encoder, once per image: (B, 3, S, S) → (B, C, h, w)."""
+    def encode_images(self, sam_images: torch.Tensor, digests: list[str] | None = None) -> torch.Tensor:
+        """SAM image encoder, once per image: (B, 3, S, S) → (B, C, h, w). ``digests`` (the
+        processor's, one per image) name the inputs for an attached embedding cache."""
         encoder = self.sam.image_encoder
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(needs_grad):
@@ -159,19 +175,32 @@ class CoresModel(nn.Module):
             result.append(chains)
         return result
 
+    @property
+    def _state_shift(self) -> int:
+        return 1 if self.cfg.chain.hidden_at == "predicting" else 0
+
+    def states_needed(self, positions: list[list[list[int]]]) -> int:
+        """How many leading hidden-state positions :meth:`chain_embeddings` reads for ``positions``."""
+        return max(p for chains in positions for chain in chains for p in chain) - self._state_shift + 1
+
     def chain_embeddings(self, hidden: torch.Tensor, positions: list[list[list[int]]]) -> torch.Tensor:
         """Gather hidden states at the chain tokens (or, with ``chain.hidden_at: predicting``, at
         the positions just before them, whose outputs predict them) and project: → (N, T_tokens, C)."""
-        shift = 1 if self.cfg.chain.hidden_at == "predicting" else 0
+        shift = self._state_shift
         rows = [hidden[b, torch.tensor(chain, device=hidden.device) - shift] for b, chains in enumerate(positions) for chain in chains]
         # a LLaVA spread over several GPUs ends on another device than β and SAM
         return self.projector(torch.stack(rows).to(self.projector.fc1.weight.device))
 
-    def forward(self, batch: Batch, compute_loss: bool = True) -> CoresOutput:
+    def forward(self, batch: Batch, compute_loss: bool = True, hidden: torch.Tensor | None = None) -> CoresOutput:
+        """``hidden``: last-layer states (B, ≥ ``states_needed``, D) already computed for these
+        rows (a generation's, :class:`AnswerIds`), in place of the language pass; inference only."""
+        if hidden is not None and compute_loss and batch.targets is not None:
+            raise ValueError("precomputed hidden states are for inference: the text loss needs the language pass")
         counts = torch.bincount(batch.target_row_index, minlength=batch.input_ids.shape[0]).tolist()
         positions = self.chain_positions(batch.input_ids, counts)
-        image_embeddings = self.encode_images(batch.sam_images)
-        hidden = self.language_hidden(batch)
+        image_embeddings = self.encode_images(batch.sam_images, batch.sam_digests)
+        if hidden is None:
+            hidden = self.language_hidden(batch)
         chain = self.chain_embeddings(hidden, positions)
         refiner = self.refiner if self.cfg.chain.refiner else None
         levels = segment_chain(self.sam, refiner, self.cfg.chain, image_embeddings, batch.target_image_index, chain)
@@ -206,22 +235,47 @@ class CoresModel(nn.Module):
     # ------------------------------------------------------------------ inference helpers
 
     @torch.no_grad()
-    def generate_answers(self, batch: Batch, max_new_tokens: int = 64) -> list[list[int]]:
-        """Greedy answers for a left-padded prompt batch; returns the new token ids per row."""
-        out = self.mllm.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            pixel_values=batch.clip_images,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+    def generate_answers(self, batch: Batch, max_new_tokens: int = 64) -> list[AnswerIds]:
+        """Greedy answers for a left-padded prompt batch: the new token ids per row, each with
+        the hidden states the generation computed (:class:`AnswerIds`), so that the chain's
+        states need no second pass over prompt and answer."""
+        steps: list[torch.Tensor] = []
+        owner = threading.get_ident()
+
+        def keep(module: nn.Module, args: tuple, output) -> None:
+            # the module language_hidden reads, so the same layer and final norm: called once
+            # for the whole prompt, then once per token fed back; another thread's calls on a
+            # shared model are not this generation's
+            if threading.get_ident() == owner:
+                steps.append(output.last_hidden_state)
+
+        handle = self.llava.model.register_forward_hook(keep)
+        try:
+            out = self.mllm.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                pixel_values=batch.clip_images,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        finally:
+            handle.remove()
         new = out[:, batch.input_ids.shape[1] :]
         eos = self.tokenizer.eos_token_id
+        # one forward per generated token; any other count (a generation strategy that runs
+        # the model differently) leaves the states unaligned, so they are not offered
+        aligned = len(steps) == new.shape[1] and new.shape[1] > 0
         rows = []
-        for r in new.tolist():
-            rows.append(r[: r.index(eos) + 1] if eos in r else r)
+        for r, row in enumerate(new.tolist()):
+            ids = row[: row.index(eos) + 1] if eos in row else row
+            states = None
+            if aligned:
+                prompt = steps[0][r, batch.attention_mask[r].to(steps[0].device).bool()]
+                fed = [s[r, -1] for s in steps[1 : min(len(ids), len(steps))]]
+                states = torch.cat([prompt, torch.stack(fed)]) if fed else prompt
+            rows.append(AnswerIds(ids, states))
         return rows
 
 

@@ -31,6 +31,9 @@ class Batch:
     original_sizes: list[tuple[int, int]]
     sample_ids: list[str]
     questions: list[list[str]]
+    sam_digests: list[str] | None = None
+    """One digest per ``sam_images`` row of what SAM's encoder is given (the embedding cache's
+    key), or None when the processor made none."""
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         def mv(x: torch.Tensor | None, float_like: bool = False) -> torch.Tensor | None:
@@ -51,6 +54,7 @@ class Batch:
             original_sizes=self.original_sizes,
             sample_ids=self.sample_ids,
             questions=self.questions,
+            sam_digests=self.sam_digests,
         )
 
     @property

@@ -20,6 +20,7 @@ tower's input (see :func:`clip_image`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,24 +59,59 @@ def longest_side_shape(height: int, width: int, target: int) -> tuple[int, int]:
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def _resize(pixels: np.ndarray, size_hw: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+# Pillow first averages blocks of pixels when shrinking by more than this factor (fast, and the
+# result barely differs from a full-support filter).
+_REDUCING_GAP = 3.0
+
+
+def _resize(pixels: np.ndarray, size_hw: tuple[int, int], resample: Image.Resampling, pil: Image.Image | None = None) -> np.ndarray:
+    """``pil``: ``pixels`` already as a PIL image (the conversion of a large photo costs as much
+    as the resize)."""
     h, w = size_hw
     if pixels.shape[:2] == (h, w):
         return pixels
-    return np.array(Image.fromarray(pixels).resize((w, h), resample, reducing_gap=3.0 if resample != Image.NEAREST else None))
+    return np.array((pil or Image.fromarray(pixels)).resize((w, h), resample, reducing_gap=_REDUCING_GAP if resample != Image.NEAREST else None))
 
 
 def sam_image(
-    pixels: np.ndarray, image_size: int, mean: Sequence[float] = SAM_PIXEL_MEAN, std: Sequence[float] = SAM_PIXEL_STD
+    pixels: np.ndarray,
+    image_size: int,
+    mean: Sequence[float] = SAM_PIXEL_MEAN,
+    std: Sequence[float] = SAM_PIXEL_STD,
+    pil: Image.Image | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """uint8 (H, W, 3) → normalised, padded float (3, S, S) and the resized (h, w)."""
+    return sam_normalise(sam_resized(pixels, image_size, pil), image_size, mean, std)
+
+
+def sam_resized(pixels: np.ndarray, image_size: int, pil: Image.Image | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) → uint8 (h, w, 3) with the longest side ``image_size``: what SAM's
+    encoder sees, before normalisation and padding."""
     h, w = longest_side_shape(pixels.shape[0], pixels.shape[1], image_size)
-    small = _resize(pixels, (h, w), Image.BILINEAR)
-    x = torch.from_numpy(np.ascontiguousarray(small)).permute(2, 0, 1).float()
+    return _resize(pixels, (h, w), Image.BILINEAR, pil)
+
+
+def sam_normalise(
+    small: np.ndarray, image_size: int, mean: Sequence[float] = SAM_PIXEL_MEAN, std: Sequence[float] = SAM_PIXEL_STD
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The output of :func:`sam_resized` → normalised, padded float (3, S, S) and its (h, w)."""
+    h, w = small.shape[:2]
+    small = np.ascontiguousarray(small)
+    # torch wants writable memory; an image that needed no resize may be the caller's read-only array
+    x = torch.from_numpy(small if small.flags.writeable else small.copy()).permute(2, 0, 1).float()
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     out = torch.zeros(3, image_size, image_size)
     out[:, :h, :w] = x
     return out, (h, w)
+
+
+def sam_input_digest(small: np.ndarray, image_size: int, mean: Sequence[float], std: Sequence[float]) -> str:
+    """A digest of everything :func:`sam_normalise` makes SAM's input from: the resized pixels
+    (≤ 3 MB at 1024², where the float input is 12 MB: benchmarks/cache_keys.py), their shape, the
+    square's side and the normalisation. Equal digests, equal inputs."""
+    h = hashlib.sha256(f"{small.shape}|{image_size}|{tuple(map(float, mean))}|{tuple(map(float, std))}|".encode())
+    h.update(np.ascontiguousarray(small).data)
+    return h.hexdigest()
 
 
 def sam_target(mask: np.ndarray, input_size: tuple[int, int], image_size: int) -> torch.Tensor:
@@ -86,7 +122,9 @@ def sam_target(mask: np.ndarray, input_size: tuple[int, int], image_size: int) -
     return out
 
 
-def clip_image(pixels: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...], mode: str) -> torch.Tensor:
+def clip_image(
+    pixels: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...], mode: str, pil: Image.Image | None = None
+) -> torch.Tensor:
     """uint8 (H, W, 3) → float (3, size, size) for the CLIP tower.
 
     ``crop``: shortest side to ``size``, centre crop (CLIPImageProcessor, LISA). ``pad``: pad to a
@@ -96,9 +134,9 @@ def clip_image(pixels: np.ndarray, size: int, mean: tuple[float, ...], std: tupl
     """
     if mode == "pad":
         fill = np.array([int(round(m * 255)) for m in mean], dtype=np.uint8)
-        square = _pad_to_square(pixels, size, fill)
+        square = _pad_to_square(pixels, size, fill, pil)
     else:
-        square = _centre_crop_square(pixels, size)
+        square = _centre_crop_square(pixels, size, pil)
     x = torch.from_numpy(np.ascontiguousarray(square)).permute(2, 0, 1).float() / 255.0
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
@@ -107,25 +145,59 @@ def _is_extreme(h: int, w: int) -> bool:
     return max(h, w) > _EXACT_ROUTE_MAX_ASPECT * min(h, w)
 
 
-def _pad_to_square(pixels: np.ndarray, size: int, fill: np.ndarray) -> np.ndarray:
+def _pad_to_square(pixels: np.ndarray, size: int, fill: np.ndarray, pil: Image.Image | None = None) -> np.ndarray:
     """The image centred on a ``fill``-coloured square, at ``size`` × ``size``."""
     h, w = pixels.shape[:2]
     if _is_extreme(h, w):
         # Shrink first, then pad: the same picture without a full-size square in memory.
         nh, nw = longest_side_shape(h, w, size)
-        content, side = _resize(pixels, (nh, nw), Image.BICUBIC), size
+        content, side, pil = _resize(pixels, (nh, nw), Image.BICUBIC, pil), size, None
     else:
         # LLaVA's expand2square, then one resize of the whole square.
         content, side = pixels, max(h, w)
+    top, left = (side - content.shape[0]) // 2, (side - content.shape[1]) // 2
+    factor = int(side / size / _REDUCING_GAP) or 1
+    if factor > 1:
+        return _reduced_square_resize(content, side, top, left, fill, factor, size, pil)
     canvas = np.empty((side, side, 3), dtype=np.uint8)
     canvas[:] = fill
-    ch, cw = content.shape[:2]
-    top, left = (side - ch) // 2, (side - cw) // 2
-    canvas[top : top + ch, left : left + cw] = content
+    canvas[top : top + content.shape[0], left : left + content.shape[1]] = content
     return _resize(canvas, (size, size), Image.BICUBIC)
 
 
-def _centre_crop_square(pixels: np.ndarray, size: int) -> np.ndarray:
+def _reduced_square_resize(
+    content: np.ndarray, side: int, top: int, left: int, fill: np.ndarray, factor: int, size: int, pil: Image.Image | None = None
+) -> np.ndarray:
+    """What ``_resize`` gives for ``content`` placed at (top, left) on a ``fill`` square of
+    ``side`` pixels, pixel for pixel, without building that square.
+
+    For a large square ``_resize`` first averages ``factor`` × ``factor`` blocks (Pillow's
+    ``reducing_gap`` step), then resamples the reduced square over the box that maps back to the
+    original. Blocks that hold only fill average to the fill colour, so only the blocks that touch
+    the content need computing: the block-aligned window around it is reduced here and placed on
+    a reduced square of fill. A 28 MP photo (5953 px side) then needs a ≈ 400 px square and one
+    copy of the image instead of a 106 MB canvas.
+    """
+    h, w = content.shape[:2]
+    y0, x0 = (top // factor) * factor, (left // factor) * factor
+    y1, x1 = min(side, -(-(top + h) // factor) * factor), min(side, -(-(left + w) // factor) * factor)
+    if (y0, x0, y1, x1) == (top, left, top + h, left + w):
+        window = pil or Image.fromarray(content)
+    else:
+        padded = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        padded[:] = fill
+        padded[top - y0 : top - y0 + h, left - x0 : left - x0 + w] = content
+        window = Image.fromarray(padded)
+    reduced = np.asarray(window.reduce(factor))
+    n = -(-side // factor)
+    small = np.empty((n, n, 3), dtype=np.uint8)
+    small[:] = fill
+    small[y0 // factor : y0 // factor + reduced.shape[0], x0 // factor : x0 // factor + reduced.shape[1]] = reduced
+    box = (0.0, 0.0, side / factor, side / factor)
+    return np.array(Image.fromarray(small).resize((size, size), Image.BICUBIC, box=box))
+
+
+def _centre_crop_square(pixels: np.ndarray, size: int, pil: Image.Image | None = None) -> np.ndarray:
     """The shortest side resized to ``size`` and the centre ``size`` × ``size`` cut out."""
     h, w = pixels.shape[:2]
     if _is_extreme(h, w):
@@ -136,7 +208,7 @@ def _centre_crop_square(pixels: np.ndarray, size: int) -> np.ndarray:
         return _resize(pixels[top : top + side, left : left + side], (size, size), Image.BICUBIC)
     # the long side truncated, as CLIPImageProcessor (and so LISA and llava-hf) computes it
     nh, nw = (size, max(size, int(size * w / h))) if h <= w else (max(size, int(size * h / w)), size)
-    resized = _resize(pixels, (nh, nw), Image.BICUBIC)
+    resized = _resize(pixels, (nh, nw), Image.BICUBIC, pil)
     top, left = (nh - size) // 2, (nw - size) // 2
     return resized[top : top + size, left : left + size]
 
@@ -160,6 +232,9 @@ class ImageInputs:
     """(3, C, C) float."""
     input_size: tuple[int, int]
     """(h, w) of the image inside SAM's padded square."""
+    sam_digest: str = ""
+    """A digest of SAM's input (its resized pixels and normalisation), for the embedding cache;
+    "" unless the processor was asked for digests."""
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -186,6 +261,8 @@ class EncodedSample:
     meta: dict = field(default_factory=dict)
     image_key: str = ""
     """Rows with the same non-empty key share one image (one SAM encoder pass); "" = own image."""
+    sam_digest: str = ""
+    """:attr:`ImageInputs.sam_digest` of the image."""
 
     def with_answer(self, input_ids: list[int], answer: str) -> EncodedSample:
         """This prompt continued by a generated answer, to be run teacher-forced (no labels)."""
@@ -206,8 +283,10 @@ class SampleTransform:
         seed: int | None = None,
         with_targets: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        sam_digests: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.sam_digests = sam_digests
         self.encoder = encoder
         self.sampler = sampler
         self.clip_size = clip_size
@@ -226,11 +305,15 @@ class SampleTransform:
         seed: int | None = None,
         with_targets: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        sam_digests: bool = False,
     ) -> SampleTransform:
         """The processor of ``model``: its tokenizer, prompt, chain, image token count and
-        tower sizes. ``with_targets=False`` skips drawing target masks (prediction)."""
+        tower sizes. ``with_targets=False`` skips drawing target masks (prediction);
+        ``sam_digests`` gives each image a :attr:`ImageInputs.sam_digest` (embedding cache)."""
         encoder = ConversationEncoder.for_model(model)
-        return cls(model.cfg, encoder, exemplars, model.clip_size, train=train, seed=seed, with_targets=with_targets, max_pixels=max_pixels)
+        return cls(
+            model.cfg, encoder, exemplars, model.clip_size, train=train, seed=seed, with_targets=with_targets, max_pixels=max_pixels, sam_digests=sam_digests
+        )
 
     def reseed(self, answers: int | str | None = None, exemplars: int | str | None = None) -> None:
         """Restart the answer-phrasing draw (training) and the exemplar draw from these seeds,
@@ -246,10 +329,13 @@ class SampleTransform:
     def image(self, pixels: np.ndarray) -> ImageInputs:
         """uint8 (H, W, 3) → both towers' inputs."""
         sam = self.cfg.sam
-        s_img, input_size = sam_image(pixels, sam.image_size, sam.pixel_mean, sam.pixel_std)
+        pil = Image.fromarray(pixels)  # once for both towers
+        small = sam_resized(pixels, sam.image_size, pil)
+        s_img, input_size = sam_normalise(small, sam.image_size, sam.pixel_mean, sam.pixel_std)
         m = self.cfg.mllm
-        c_img = clip_image(pixels, self.clip_size, m.image_mean, m.image_std, m.image_mode)
-        return ImageInputs(pixels, s_img, c_img, input_size)
+        c_img = clip_image(pixels, self.clip_size, m.image_mean, m.image_std, m.image_mode, pil)
+        digest = sam_input_digest(small, sam.image_size, sam.pixel_mean, sam.pixel_std) if self.sam_digests else ""
+        return ImageInputs(pixels, s_img, c_img, input_size, digest)
 
     def __call__(self, sample: SegSample, pixels: np.ndarray | None = None, generate: bool = False, exemplar_key: str | None = None) -> EncodedSample:
         """Encode all rounds of ``sample`` as one conversation, with its target masks (unless
@@ -302,6 +388,7 @@ class SampleTransform:
             query_truncated=enc.query_truncated,
             meta=dict(meta or {}),
             image_key=image_key,
+            sam_digest=image.sam_digest,
         )
 
     def _targets(self, sample: SegSample, image: ImageInputs) -> torch.Tensor:
@@ -337,6 +424,7 @@ def collate(samples: list[EncodedSample], pad_token_id: int, chains_per_sample: 
     index = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
     has_targets = all(s.targets is not None for s in samples)
     images: list[torch.Tensor] = []
+    digests: list[str] = []
     slot: dict[str, int] = {}
     row_image = []
     for s in samples:
@@ -345,6 +433,7 @@ def collate(samples: list[EncodedSample], pad_token_id: int, chains_per_sample: 
                 slot[s.image_key] = len(images)
             row_image.append(len(images))
             images.append(s.sam_image)
+            digests.append(s.sam_digest)
         else:
             row_image.append(slot[s.image_key])
     return Batch(
@@ -360,4 +449,5 @@ def collate(samples: list[EncodedSample], pad_token_id: int, chains_per_sample: 
         original_sizes=[s.original_size for s in samples],
         sample_ids=[s.sample_id for s in samples],
         questions=[s.questions for s in samples],
+        sam_digests=digests if all(digests) else None,
     )
