@@ -27,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 
 from cores_cli.config import SAM_PIXEL_MEAN, SAM_PIXEL_STD  # noqa: E402
 from cores_cli.engine.embedding_cache import EmbeddingCache  # noqa: E402
