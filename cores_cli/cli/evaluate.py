@@ -60,6 +60,7 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch. Default: this process's share of the CPUs that are idle now (OMP_NUM_THREADS, when set, is kept)."),
+    workers: int = typer.Option(None, "--workers", min=0, help="Processes (per evaluating process) that read the images ahead of the model, beside it. 0: in this process, batch by batch. Default: on a GPU every idle CPU but one (at most 8); on the CPU one per 4 idle CPUs (at most 2), since the model needs them more."),
     quantize: str = typer.Option(None, "--quantize", help="8bit or 4bit: load the LLaVA through bitsandbytes, as LISA's --load_in_8bit/--load_in_4bit (CUDA; pip install 'cores\\[quantize]')."),
     device_map: str = typer.Option(None, "--device-map", help="auto: spread the LLaVA over the visible GPUs (a 13B model on two smaller GPUs)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-query in-context exemplar draw."),
@@ -109,6 +110,7 @@ def evaluate(
         resume=resume,
         quantize=quantize,
         device_map=device_map,
+        workers=workers,
     )
     # with --gpus N this same command line runs in every process (without its --gpus)
     use_threads(threads)

@@ -52,6 +52,7 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for torch. Default: this process's share of the CPUs that are idle now (OMP_NUM_THREADS, when set, is kept)."),
+    workers: int = typer.Option(None, "--workers", min=0, help="Processes that read and prepare images ahead of the model, beside it. 0: in this process, one at a time. Default: on a GPU every idle CPU but one (at most 8); on the CPU one per 4 idle CPUs (at most 2), since the model needs them more."),
     quantize: str = typer.Option(None, "--quantize", help="8bit or 4bit: load the LLaVA through bitsandbytes, as LISA's --load_in_8bit/--load_in_4bit (CUDA; pip install 'cores\\[quantize]')."),
     device_map: str = typer.Option(None, "--device-map", help="auto: spread the LLaVA over the visible GPUs (a 13B model on two smaller GPUs)."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse images larger than this many pixels (checked before decoding)."),
@@ -108,7 +109,7 @@ def predict(
 
     fmt = (overlay_format or OverlayFormat.png).value
     options = OutputOptions(not no_png, not no_overlay, fmt, overlay_max_side or DEFAULT_MAX_SIDE, levels)
-    request = PredictRequest(out, checkpoint, preset, list(set_), device, dtype, context_library, seed, mode.value, style.value, max_pixels, options, quantize, device_map)
+    request = PredictRequest(out, checkpoint, preset, list(set_), device, dtype, context_library, seed, mode.value, style.value, max_pixels, options, quantize, device_map, workers)
     outcome = PredictOutcome()
     try:
         use_threads(threads)

@@ -30,7 +30,8 @@ skip_missing=true``); in a training recipe, a dataset's ``options: {key: value}`
 Query text never holds the model's own tokens (:data:`QUERY_SPECIAL_TOKENS`: ``[SEG]``,
 ``<image>``, ``</s>``, ...): the tokenizer would read them as those tokens (a chain the answer
 does not carry, an image placeholder too many), so :func:`load_samples` removes them from every
-reader's queries and records a ``special_token_in_query`` warning.
+reader's queries and records a ``special_token_in_query`` warning (``synthetic`` queries come
+from fixed banks without them, and its scenes stay unrendered until read).
 
 :func:`dataset_folders` names the folders that hold a dataset's files, so that a command can
 refuse to write into them.
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,10 @@ def parse_name(name: str) -> DatasetName:
     raise _unknown(name, f"no dataset called {pieces[0]!r}")
 
 
-def load_samples(name: str, data_root: Path | str | None = None, **opts: Any) -> list[SegSample]:
-    """Parse ``name``, check the options, and run its reader. See the module docstring."""
+def load_samples(name: str, data_root: Path | str | None = None, **opts: Any) -> Sequence[SegSample]:
+    """Parse ``name``, check the options, and run its reader. See the module docstring. A list,
+    except for ``synthetic``, whose scenes are rendered when read (a read-only sequence,
+    :class:`~cores_cli.data.synthetic.SyntheticSamples`)."""
     spec = parse_name(name)
     allowed = _OPTIONS[spec.family]
     # unknown keys are checked before None values are dropped: a typo whose value parsed as
@@ -233,7 +236,7 @@ def load_samples(name: str, data_root: Path | str | None = None, **opts: Any) ->
     if spec.needs_data_root and data_root is None:
         raise CoresError(f"{spec} needs a data root (--data-root): the folder holding its files in LISA's layout")
     root = Path(data_root) if data_root is not None else None
-    readers: dict[str, Callable[..., list[SegSample]]] = {
+    readers: dict[str, Callable[..., Sequence[SegSample]]] = {
         "reasonseg": lambda: load_reasonseg(root, spec.split, **opts),
         "refer": lambda: load_refer(root, spec.dataset, spec.split, spec.split_by, **opts),
         "semantic": lambda: load_semantic(spec.dataset, root, spec.split, **opts),
@@ -241,7 +244,12 @@ def load_samples(name: str, data_root: Path | str | None = None, **opts: Any) ->
         "synthetic": lambda: load_synthetic(spec.split, **opts),
         "reasonpart": lambda: load_reasonpart(spec.split, **opts),
     }
-    return [without_special_tokens(s) for s in readers[spec.family]()]
+    samples = readers[spec.family]()
+    if spec.family == "synthetic":
+        # its queries come from the generator's own banks, which hold none of those tokens
+        # (tests/test_synthetic_lazy.py checks); cleaning would render every scene up front
+        return samples
+    return [without_special_tokens(s) for s in samples]
 
 
 TOKENIZER_MARKERS = ("<s>", "</s>", "<unk>", "<pad>")

@@ -31,6 +31,9 @@ on val/test, ``"all"`` on train), and ``meta`` holds ``container``, ``part``,
 Determinism: sample ``i`` of split ``s`` with seed ``k`` is drawn from
 ``numpy.random.SeedSequence([k, SPLIT_IDS[s], i])`` alone, so splits come from disjoint seed
 streams, a larger ``n`` extends a smaller one, and the same seed gives byte-identical files.
+That is also why :func:`load_synthetic` can be lazy: it returns a sequence that renders a scene
+when one of its records is first read (:class:`SyntheticSamples`), so a training run starts
+without generating the thousands of scenes it will draw from.
 
 On disk (ReasonSeg format, readable by LISA's loader and ours)::
 
@@ -48,8 +51,11 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import operator
 import sys
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -485,6 +491,125 @@ def item_to_sample(
     ]
 
 
+CACHE_BYTES = 128 * 2**20
+"""Pixels :class:`SyntheticSamples` keeps of the scenes it rendered last (about 2,700 scenes at
+128 px; the eager list of the default 10,000 training scenes held 490 MB). `cores eval` reads
+its samples several times (ids, warnings, batches): a split that fits renders each scene once,
+a larger one renders it again on each pass. Training draws scenes at random and barely
+revisits them: there the cache saves little, and rendering (about 2 ms a scene) is cheap next
+to a step."""
+
+
+class _Scenes:
+    """What every view of one ``load_synthetic`` call shares: the options, the item indices a
+    ``subset`` keeps (found on first need) and a small cache of rendered items.
+
+    Pickled (to DataLoader workers) without the cache, so a worker starts with the options and
+    the subset index only."""
+
+    def __init__(self, split: str, count: int, seed: int, image_size: int, n_texts: int, queries: Literal["first", "all"], subset: str | None, rounds_per_sample: int | None) -> None:
+        self.split, self.count, self.seed, self.image_size, self.n_texts = split, count, seed, image_size, n_texts
+        self.queries, self.subset, self.rounds_per_sample = queries, subset, rounds_per_sample
+        # every item has n_texts queries (each query bank holds at least MAX_TEXTS ≥ n_texts),
+        # so how many records an item becomes is known without rendering it
+        rounds = 1 if queries == "first" else n_texts
+        self.per_item = len(chunk(range(rounds), rounds_per_sample))
+        self.kept: list[int] | None = None
+        self._setup()
+
+    def _setup(self) -> None:
+        self.capacity = max(16, CACHE_BYTES // (self.image_size * self.image_size * 3))
+        self.cache: OrderedDict[int, list[SegSample]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in ("cache", "lock"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    def items(self) -> int:
+        """How many items the samples come from (``subset`` applied)."""
+        return len(self.kept_indices()) if self.subset is not None else self.count
+
+    def kept_indices(self) -> list[int]:
+        """The indices of the items whose query style is ``subset``. The style is drawn last,
+        after the scene (whose look-alike shapes take a varying number of draws), so finding it
+        renders every item once; this happens on first need and only for a subset."""
+        if self.kept is None:
+            want = self.subset == "long"
+            kept = [i for i in range(self.count) if self.records(i)[0].meta["is_sentence"] == want]
+            self.kept = kept
+        return self.kept
+
+    def item_index(self, ordinal: int) -> int:
+        return self.kept_indices()[ordinal] if self.subset is not None else ordinal
+
+    def records(self, index: int) -> list[SegSample]:
+        """The records of item ``index`` (rendered, or from the cache)."""
+        with self.lock:
+            found = self.cache.get(index)
+            if found is not None:
+                self.cache.move_to_end(index)
+                return found
+        item = generate_item(self.split, index, self.seed, self.image_size, self.n_texts)
+        made = item_to_sample(item, self.split, queries=self.queries, rounds_per_sample=self.rounds_per_sample)
+        if len(made) != self.per_item:  # the positions of every later sample would be off
+            raise RuntimeError(f"synthetic item {index} made {len(made)} records, expected {self.per_item}")
+        with self.lock:
+            self.cache[index] = made
+            self.cache.move_to_end(index)
+            while len(self.cache) > self.capacity:
+                self.cache.popitem(last=False)
+        return made
+
+
+class SyntheticSamples(Sequence[SegSample]):
+    """The records of ``synthetic:{split}``, each scene rendered when it is first read.
+
+    A read-only sequence (``len``, indexing, slicing, iteration) holding the same records in the
+    same order as the list it replaces: sample ``i`` is record ``i % k`` of item ``i // k`` (of
+    the items a ``subset`` keeps), where ``k`` records per item follow from the options alone.
+    Scenes are pure functions of their index (:func:`generate_item`), so a record read twice is
+    the same; the last ones read are cached (:data:`CACHE_BYTES`). A slice is a view sharing
+    the cache; ``list(samples)`` makes the eager list."""
+
+    def __init__(self, scenes: _Scenes, positions: range | None = None) -> None:
+        self._scenes = scenes
+        self._positions = positions
+
+    @property
+    def positions(self) -> range:
+        if self._positions is None:
+            # a subset's length needs its index: found here, on first use, not when loading
+            self._positions = range(self._scenes.items() * self._scenes.per_item)
+        return self._positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, slice):
+            return SyntheticSamples(self._scenes, self.positions[key])
+        return self._at(self.positions[operator.index(key)])
+
+    def __iter__(self) -> Iterator[SegSample]:
+        for p in self.positions:
+            yield self._at(p)
+
+    def _at(self, position: int) -> SegSample:
+        ordinal, group = divmod(position, self._scenes.per_item)
+        return self._scenes.records(self._scenes.item_index(ordinal))[group]
+
+    def __repr__(self) -> str:
+        s = self._scenes
+        return f"SyntheticSamples(synthetic:{s.split}{':' + s.subset if s.subset else ''}, n={s.count}, seed={s.seed}, {len(self)} records)"
+
+
 def load_synthetic(
     split: str,
     *,
@@ -495,9 +620,11 @@ def load_synthetic(
     queries: Literal["first", "all"] | None = None,
     subset: Literal["short", "long"] | None = None,
     rounds_per_sample: int | None = None,
-) -> list[SegSample]:
-    """``synthetic:{split}`` generated in memory. ``n`` defaults to 2000/200/200 for
-    train/val/test; ``subset`` keeps short- or long-query samples out of those ``n``."""
+) -> SyntheticSamples:
+    """``synthetic:{split}`` generated in memory, lazily (:class:`SyntheticSamples`): nothing is
+    rendered until a record is read, so a run that reads 480 of 10,000 scenes renders 480. ``n``
+    defaults to 2000/200/200 for train/val/test; ``subset`` keeps short- or long-query samples
+    out of those ``n``."""
     if split not in SPLIT_IDS:
         raise CoresError(f"unknown synthetic split {split!r}; choose from {', '.join(SPLIT_IDS)}")
     for key, value, low in (("n", n, 1), ("seed", seed, 0), ("image_size", image_size, 32), ("n_texts", n_texts, 1)):
@@ -513,13 +640,7 @@ def load_synthetic(
         raise CoresError(f"synthetic subset must be 'short' or 'long', got {subset!r}")
     count = DEFAULT_SIZES[split] if n is None else int(n)
     q = queries or ("all" if split == "train" else "first")
-    out: list[SegSample] = []
-    for i in range(count):
-        item = generate_item(split, i, seed, image_size, n_texts)
-        if subset is not None and item.is_sentence != (subset == "long"):
-            continue
-        out.extend(item_to_sample(item, split, queries=q, rounds_per_sample=rounds_per_sample))
-    return out
+    return SyntheticSamples(_Scenes(split, count, int(seed), int(image_size), int(n_texts), q, subset, rounds_per_sample))
 
 
 # ---------------------------------------------------------------------------------- writing

@@ -59,7 +59,8 @@ from ..fileio import TEMPORARY_PATTERN, OutputLocked, exclusive_directory_lock, 
 from ..images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
 from ..rle import encode as rle_encode
 from ..visualize import DEFAULT_MAX_SIDE, bbox, overlay
-from .predictor import Mode, Prediction, Predictor, reserved_token_in
+from .image_pipeline import PreparedImage
+from .predictor import Mode, Prediction, Predictor, Query, reserved_token_in
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 OUTPUT_SUFFIXES = {"mask": ".mask.png", "overlay": ".overlay.png", "json": ".json"}
@@ -618,15 +619,25 @@ def prepare_job(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     model_info: dict | None = None,
     options: OutputOptions = OutputOptions(),
+    prepared: PreparedImage | None = None,
 ) -> StagedItem:
     """Predict one job and write its files under temporary names; :meth:`StagedItem.commit`
-    puts them in place. Raises CoresError (a failed write is :class:`OutputWriteError`)."""
+    puts them in place. Raises CoresError (a failed write is :class:`OutputWriteError`).
+    ``prepared``: the job's image already read and made ready for both towers (by a worker of
+    :mod:`cores_cli.engine.image_pipeline`); the same prediction, without that work here."""
     check_job(job, predictor.reserved_tokens())
     t0 = time.perf_counter()
-    img = load_image(job.image, max_pixels)
-    t1 = time.perf_counter()
     stem = paths["json"].name[: -len(OUTPUT_SUFFIXES["json"])]
-    pred = predictor.predict(img.pixels, job.query, style=style, mode=mode, sample_id=stem)
+    if prepared is None:
+        img = load_image(job.image, max_pixels)
+        t1 = time.perf_counter()
+        pred = predictor.predict(img.pixels, job.query, style=style, mode=mode, sample_id=stem)
+        load_s, image_s = t1 - t0, 0.0
+    else:
+        img = prepared.image
+        # what predictor.predict asks, with the image inputs made in the worker
+        pred = predictor.predict_images([(prepared.inputs, [Query(job.query, style, stem)])], mode)[0][0]
+        load_s, image_s = prepared.load_s, prepared.preprocess_s
     t2 = time.perf_counter()
     superseded = [p for _, sfx in _KNOWN_SUFFIXES if (p := paths["json"].with_name(stem + sfx)) not in paths.values()]
     staged = StagedItem(paths, {}, superseded=superseded)
@@ -645,8 +656,9 @@ def prepare_job(
         staged.record = _record(job, stem, img, pred, paths, model_info, options.levels)
         t3 = time.perf_counter()
         staged.record["timings_s"] = {
-            "load_image": round(t1 - t0, 4),
-            "preprocess": round(pred.timings["preprocess_s"], 4),
+            # with a worker, reading and preparing the image ran there, beside the model
+            "load_image": round(load_s, 4),
+            "preprocess": round(image_s + pred.timings["preprocess_s"], 4),
             "model": round(pred.timings["model_s"], 4),
             "write": round(t3 - t2, 4),
             "total": round(t3 - t0, 4),

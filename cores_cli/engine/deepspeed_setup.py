@@ -3,7 +3,8 @@
 Everything that touches DeepSpeed's API lives here, so the training loop reads as a loop.
 
 - **Accelerator.** DeepSpeed is told which one to use (CUDA or its CPU accelerator) before it is
-  imported; the process group itself is :mod:`cores_cli.engine.distributed`'s.
+  imported; the process group itself is :mod:`cores_cli.engine.distributed`'s. On the CPU no
+  DeepSpeed op is compiled (:func:`skip_unused_cpu_ops`).
 - **Engine.** ZeRO stage 0/1/2 from the recipe (2 by default; it also runs on the CPU with
   DeepSpeed's CPU accelerator and gloo), bf16 on GPU and fp32 on CPU, gradient clipping and
   accumulation by DeepSpeed, a client ``torch.optim.AdamW`` (the same update on every device,
@@ -45,6 +46,29 @@ def check_accelerator(device_type: str) -> None:
             f"DeepSpeed was already set up for {name!r} in this process, but training runs on {device_type!r}; "
             "run training in a fresh process (or set DS_ACCELERATOR before importing deepspeed)"
         )
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's shared-memory all-reduce for CPU processes (a C++ op compiled on first use)."""
+
+
+def skip_unused_cpu_ops(device_type: str) -> None:
+    """Keep DeepSpeed's CPU accelerator from compiling its shared-memory all-reduce op.
+
+    Starting a process group on the CPU, DeepSpeed JIT-builds :data:`SHM_COMM_OP` whenever its
+    compatibility table says the op can be built: about a minute of silent C++ compilation on a
+    first run (2 CPU cores), before step 1. Only ``inference_all_reduce`` (tensor-parallel
+    inference layers) calls that op; training's all-reduce and reduce-scatter go through
+    ``torch.distributed`` (gloo), so training never uses it. DeepSpeed consults that table
+    (``deepspeed.ops.__compatible_ops__``, probed once per process and kept in the module so
+    that edits to it persist) before building the op, and marking the op unavailable there is
+    how DeepSpeed lets a process do without it. Must run before the group is started."""
+    if device_type != "cpu":
+        return  # the CUDA accelerator has no such op
+    select_accelerator(device_type)  # before this first import of deepspeed, which fixes it
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def train_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:

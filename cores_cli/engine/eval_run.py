@@ -61,6 +61,7 @@ from ..model.mllm import LlavaLoading
 from ..processing.transform import sample_pixels
 from ..visualize import comparison
 from .evaluate import EvalResult, Mode, complete_samples, evaluate, pending
+from .image_pipeline import PrefetchedSamples, default_workers
 from .loading import LoadedModel, exemplar_sampler
 
 
@@ -97,6 +98,10 @@ class EvalRequest:
     """``8bit``/``4bit``: the LLaVA loaded through bitsandbytes (CUDA)."""
     device_map: str | None = None
     """``auto``: the LLaVA spread over the visible GPUs (one process)."""
+    workers: int | None = None
+    """Processes that read the images ahead of the model (``--workers``), in each evaluating
+    process; 0: read in this process, one batch at a time; None:
+    :func:`~cores_cli.engine.image_pipeline.default_workers`."""
 
 
 @dataclass
@@ -431,12 +436,20 @@ def compute_eval(
         if failed:
             raise CoresError(failed)
         log = TargetLog(partial_path(resume.path))
-    progress = progress_factory(len(shard(len(pending(samples, done)), ranks))) if progress_factory else None
-    result = evaluate(
-        loaded.model, samples, batch_size=req.batch_size, mode=req.mode, exemplars=sampler, seed=req.seed,
-        progress=progress, keep_worst=req.save_vis, log_left_out=False, save_masks=req.save_masks,
-        done=done, on_records=log.append if log is not None else None,
-    )
+    todo = pending(samples, done)
+    order = [todo[k] for k in shard(len(todo), ranks)]  # what evaluate() will ask for, in turn
+    progress = progress_factory(len(order)) if progress_factory else None
+    # the CPUs are shared by this machine's evaluating processes (torchrun sets LOCAL_WORLD_SIZE)
+    inputs = _prefetched(req, loaded, samples, order, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    try:
+        result = evaluate(
+            loaded.model, inputs, batch_size=req.batch_size, mode=req.mode, exemplars=sampler, seed=req.seed,
+            progress=progress, keep_worst=req.save_vis, log_left_out=False, save_masks=req.save_masks,
+            done=done, on_records=log.append if log is not None else None,
+        )
+    finally:
+        if isinstance(inputs, PrefetchedSamples):
+            inputs.close()
     summary = WarningSummary.of(samples, result.left_out)
     proto = describe(req, loaded, len(samples), int(result.metrics["n"]), world, len(result.left_out))
     worst = result.worst
@@ -446,6 +459,22 @@ def compute_eval(
         worst = sorted((w for part in parts for w in (part or [])), key=lambda w: w[0])
     # every rank read the whole sample list, so the warnings are counted once, from it alone
     return EvalRun(result, proto, summary.to_json(), samples, worst[: req.save_vis], summary)
+
+
+def _prefetched(req: EvalRequest, loaded: LoadedModel, samples: list, order: list[int], processes: int):
+    """``samples`` with the images of ``order`` read ahead by worker processes (``req.workers``,
+    default :func:`~cores_cli.engine.image_pipeline.default_workers`), or ``samples`` itself
+    when there are none. The masks and scores are the same either way."""
+    on_gpu = next(loaded.model.parameters()).device.type == "cuda"
+    workers = min(req.workers if req.workers is not None else default_workers(on_gpu, processes), len(order) - 1)
+    if workers <= 0:  # also one sample or none: nothing to overlap with
+        return samples
+    step = req.batch_size if req.mode == "teacher" else 1
+    # a whole batch is asked for before it runs: read the next one while this one does
+    from ..processing.transform import SampleTransform
+
+    transform = SampleTransform.for_model(loaded.model, with_targets=False)  # the Predictor's image(), in the workers
+    return PrefetchedSamples(samples, order, workers, ahead=2 * step + workers, transform=transform)
 
 
 def results_document(req: EvalRequest, loaded: LoadedModel, run: EvalRun, per_sample_file: Path | None) -> dict[str, Any]:

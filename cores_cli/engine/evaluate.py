@@ -44,7 +44,7 @@ from ..data.records import SegSample, warning_kind
 from ..errors import InputImageError
 from ..metrics import IoUAccumulator, area_fraction, intersection_union, size_bucket, target_iou
 from ..model.cores import CoresModel
-from ..processing.transform import sample_pixels
+from ..processing.transform import ImageInputs, sample_pixels
 from ..rle import decode as rle_decode
 from ..rle import encode as rle_encode
 from .distributed import gather_objects, rank_info, shard
@@ -127,7 +127,7 @@ def evaluate(
         ranks = rank_info()
         todo = pending(samples, done)
         indices = [todo[k] for k in shard(len(todo), ranks)]
-        runner = _Runner(model, exemplars, seed, keep_worst, save_masks)
+        runner = _Runner(model, exemplars, seed, keep_worst, save_masks, getattr(samples, "prepared_inputs", None))
         step = batch_size if mode == "teacher" else 1  # generation runs one sample at a time
         for i in range(0, len(indices), step):
             positions = indices[i : i + step]
@@ -166,7 +166,18 @@ def evaluate(
 class _Runner:
     """Predicts each batch through the :class:`Predictor` and scores every round."""
 
-    def __init__(self, model: CoresModel, exemplars: ExemplarSampler | None, seed: int, keep_worst: int, save_masks: bool = False) -> None:
+    def __init__(
+        self,
+        model: CoresModel,
+        exemplars: ExemplarSampler | None,
+        seed: int,
+        keep_worst: int,
+        save_masks: bool = False,
+        prepared: Callable[[SegSample], ImageInputs | None] | None = None,
+    ) -> None:
+        """``prepared(sample)``: the towers' inputs of a sample's image made ready elsewhere
+        (:class:`~cores_cli.engine.image_pipeline.PrefetchedSamples`), or None."""
+        self.prepared = prepared
         if exemplars is not None:
             exemplars = ExemplarSampler(exemplars.library, seed)
         self.predictor = Predictor(model, exemplars, seed=seed)
@@ -200,8 +211,12 @@ class _Runner:
         return self.records[first:]
 
     def _predict(self, readable: list[tuple[SegSample, np.ndarray]], mode: Mode) -> list[list[Prediction]]:
-        items = [(px, [Query(r.query, r.style, key, key) for r, key in zip(s.rounds, _round_keys(s))]) for s, px in readable]
+        items = [(self._inputs(s, px), [Query(r.query, r.style, key, key) for r, key in zip(s.rounds, _round_keys(s))]) for s, px in readable]
         return self.predictor.predict_images(items, mode, final_only=True)
+
+    def _inputs(self, sample: SegSample, pixels: np.ndarray) -> np.ndarray | ImageInputs:
+        inputs = self.prepared(sample) if self.prepared is not None else None
+        return pixels if inputs is None else inputs
 
     def add_earlier_worst(self, samples: Sequence[SegSample], done: dict[str, list[dict]], mode: Mode) -> None:
         """Let the targets an earlier run scored compete for the ``keep_worst`` lowest IoUs. Only

@@ -139,15 +139,18 @@ class Predictor:
     @torch.no_grad()
     def predict_images(
         self,
-        items: Sequence[tuple[np.ndarray, Sequence[Query]]],
+        items: Sequence[tuple[np.ndarray | ImageInputs, Sequence[Query]]],
         mode: Mode = "teacher",
         final_only: bool = False,
     ) -> list[list[Prediction]]:
         """Every query of every (pixels, queries) item: the predictions in the same nesting.
         Teacher-forced, all of them run as one batch; generated, one query at a time. A blank
-        query is asked as it is (a dataset's blank sentence is scored, as LISA scores it)."""
+        query is asked as it is (a dataset's blank sentence is scored, as LISA scores it).
+        An image may come already made ready by ``self.transform.image`` (elsewhere: in a worker
+        process of :mod:`cores_cli.engine.image_pipeline`); ``preprocess_s`` then counts the
+        conversations only."""
         t0 = time.perf_counter()
-        images = [self.transform.image(pixels) for pixels, _ in items]
+        images = [pixels if isinstance(pixels, ImageInputs) else self.transform.image(pixels) for pixels, _ in items]
         if mode == "generate":
             return [[self._generated(image, q, final_only) for q in queries] for image, (_, queries) in zip(images, items)]
         rows = []
@@ -224,26 +227,6 @@ class Predictor:
         pred.mode = "generate"
         pred.generated_text = text
         return pred
-
-    @torch.no_grad()
-    def predict_prepared(
-        self,
-        items: Sequence[tuple[ImageInputs, Sequence[Query]]],
-        mode: Mode = "teacher",
-        final_only: bool = False,
-    ) -> list[list[Prediction]]:
-        """:meth:`predict_images` for images already made ready by ``self.transform.image``
-        (elsewhere: in a worker process of :mod:`cores_cli.engine.image_pipeline`), in the same
-        nesting; the same predictions. ``preprocess_s`` then counts the conversations only."""
-        t0 = time.perf_counter()
-        if mode == "generate":
-            return [[self._generated(image, q, final_only) for q in queries] for image, queries in items]
-        rows = []
-        for i, (image, queries) in enumerate(items):
-            shared = f"image-{i}" if len(queries) > 1 else ""
-            rows.extend(self._encode(image, q, image_key=shared) for q in queries)
-        predictions = iter(self._run(rows, t0, final_only))
-        return [[next(predictions) for _ in queries] for _, queries in items]
 
 
 def _clean_answer(text: str) -> str:

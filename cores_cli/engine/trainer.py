@@ -304,6 +304,7 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     replaced = _names(check_run_dir(run_dir, resume=resume, overwrite=overwrite, recipe=recipe_text(recipe)))
     resume_from = ts.find_resume_checkpoint(ckpt_root) if resume else None
 
+    ds.skip_unused_cpu_ops(training_device(cfg).type)  # no C++ build before step 1
     proc = init_distributed(training_device(cfg), start_alone=True, deepspeed=True)
     device = proc.device
     _quiet_deepspeed()
@@ -475,7 +476,8 @@ def _loader(recipe: Recipe, model, mixture, state, proc):
     from ..processing.transform import SampleTransform, collate
 
     cfg = recipe.train
-    transform = SampleTransform.for_model(model, _exemplars(model, cfg.seed), train=True, seed=cfg.seed)
+    # with the embedding cache, each image carries the digest that names its entry (cheaper than hashing the input tensor)
+    transform = SampleTransform.for_model(model, _exemplars(model, cfg.seed), train=True, seed=cfg.seed, sam_digests=bool(cfg.embedding_cache))
     dataset = MixtureDataset(mixture, transform, cfg.seed)
     batches = StreamBatches(state.samples_consumed, cfg.steps - state.step, cfg.micro_batch_size, cfg.grad_accumulation, proc.rank, proc.world)
     workers = recipe.data.num_workers
