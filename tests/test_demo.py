@@ -56,6 +56,13 @@ def test_a_request_gives_the_overlay_every_level_the_answer_and_files_to_downloa
     again = session.ask(str(example_image()), EXAMPLE_QUERY, "generate")
     assert again.mask_png.parent != answer.mask_png.parent and answer.mask_png.is_file()
     assert answer.mask_png.parent.parent == session.files and session.files.parent == session.workdir
+    # what the page serves: the overlay and the levels as the request's own PNGs, whose content
+    # differs between two requests with the same answer (Gradio caches files by content hash)
+    assert np.array_equal(np.array(Image.open(answer.overlay_png).convert("RGB")), answer.overlay)
+    assert [np.array_equal(np.array(Image.open(p).convert("RGB")), px) for p, (px, _) in zip(answer.level_pngs, answer.levels)] == [True] * len(answer.levels)
+    twin = session.ask(str(example_image()), EXAMPLE_QUERY, "teacher")
+    for a, b in [(answer.overlay_png, twin.overlay_png), (answer.mask_png, twin.mask_png), (answer.record_json, twin.record_json), *zip(answer.level_pngs, twin.level_pngs)]:
+        assert a.read_bytes() != b.read_bytes(), a.name
 
 
 def test_a_restarted_demo_with_the_same_workdir_keeps_answering(segmenter, tmp_path):

@@ -45,8 +45,10 @@ def build_app(session: DemoSession, examples: list[tuple[Path, str]]):
             answer = session.ask(image, question, mode)
         except CoresError as exc:
             raise gr.Error(str(exc)) from None
-        levels = [(pixels, caption) for pixels, caption in answer.levels]
-        return answer.overlay, answer.answer, levels, str(answer.mask_png), str(answer.record_json)
+        # the request's own files, not arrays: Gradio would cache equal arrays of two requests in
+        # one file and rewrite it in place while the other is downloading it
+        levels = [(str(path), caption) for path, (_, caption) in zip(answer.level_pngs, answer.levels)]
+        return str(answer.overlay_png), answer.answer, levels, str(answer.mask_png), str(answer.record_json)
 
     model = session.segmenter
     with gr.Blocks(title="cores: reasoning segmentation", analytics_enabled=False) as app:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from ..errors import CoresError
 from ..fileio import atomic_write_json, save_image_atomic
@@ -33,6 +34,10 @@ class DemoAnswer:
     question: str
     mask_png: Path
     record_json: Path
+    overlay_png: Path | None = None
+    """``overlay`` as a PNG in the request's folder (what the page serves)."""
+    level_pngs: list[Path] = field(default_factory=list)
+    """Each of ``levels`` as a PNG in the request's folder."""
 
 
 class DemoSession:
@@ -69,18 +74,36 @@ class DemoSession:
         folder = Path(tempfile.mkdtemp(prefix="request-", dir=self.files))
         labels = list(result.level_tokens)
         mask_png = folder / "mask.png"
-        save_image_atomic(Image.fromarray(result.mask.astype(np.uint8) * 255), mask_png, format="PNG")
+        _save_png(Image.fromarray(result.mask.astype(np.uint8) * 255), mask_png)
         record = dict(result.record)
         record["outputs"] = {"mask": mask_png.name}
+        record["request"] = folder.name
         record_json = folder / "record.json"
         atomic_write_json(record_json, record)
         levels = [(overlay(loaded.pixels, [mask], [label]), f"level {i + 1}: {label}") for i, (mask, label) in enumerate(zip(result.level_masks, labels))]
+        picture = overlay(loaded.pixels, result.level_masks, labels)
+        overlay_png = folder / "overlay.png"
+        _save_png(Image.fromarray(picture), overlay_png)
+        level_pngs = [folder / f"level-{i + 1}.png" for i in range(len(levels))]
+        for (pixels, _), path in zip(levels, level_pngs):
+            _save_png(Image.fromarray(pixels), path)
         return DemoAnswer(
-            overlay=overlay(loaded.pixels, result.level_masks, labels),
+            overlay=picture,
             levels=levels,
             answer=result.answer,
             question=result.question,
             mask_png=mask_png,
             record_json=record_json,
+            overlay_png=overlay_png,
+            level_pngs=level_pngs,
         )
 
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    """A request's PNG, naming its request in a text chunk. Gradio caches what it serves under a
+    hash of the content and rewrites that file in place for each request: two requests with the
+    same answer would share one cache file, and one could download it while the other rewrites it
+    (a truncated image). The request's name makes every file's content its own."""
+    info = PngInfo()
+    info.add_text("cores-request", path.parent.name)
+    save_image_atomic(image, path, format="PNG", pnginfo=info)
