@@ -50,3 +50,10 @@ def test_predict_writes_everything_and_exits_0(tmp_path):
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["example.json", "example.mask.png", "example.overlay.png"]
     assert "example.mask.png" in out.stdout and "leaked" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_profiler_keeps_the_normal_exit(tmp_path):
+    # cProfile writes its file at the normal exit; ending before it would lose the profile
+    out = run(4, "import cProfile; profiler = cProfile.Profile(); profiler.enable()", f"profiler.disable(); profiler.dump_stats({str(tmp_path / 'p.prof')!r})")
+    assert out.returncode == 0 and out.stdout == "buffered not ended handler ran\n"
+    assert (tmp_path / "p.prof").is_file()

@@ -179,3 +179,16 @@ def test_a_training_step_renders_only_the_scenes_it_draws_and_compiles_no_deepsp
 
     assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
     assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
+
+
+def test_eval_with_a_limit_renders_only_the_scenes_it_scores(tmp_path, monkeypatch):
+    """`cores eval --dataset synthetic:val --limit 8` renders 8 scenes, not the split's 200
+    (the check that no output overwrites an input lists no files for generated records)."""
+    from conftest import invoke_cli
+
+    calls = []
+    real = synthetic.generate_item
+    monkeypatch.setattr(synthetic, "generate_item", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    result = invoke_cli("eval", "--dataset", "synthetic:val", "--limit", "8", "--output", str(tmp_path / "m.json"))
+    assert result.exit_code == 0, result.stderr
+    assert sorted(set(calls)) == list(range(8))

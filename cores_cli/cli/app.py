@@ -70,8 +70,11 @@ def exit_without_teardown(code: int | str | None) -> None:
     module and object they made: 1.0–2.2 s of a model command's wall time on this project's
     machine (`benchmarks/model_startup.py`), spent after the work is done and its files are
     closed. The exit handlers still run (multiprocessing's workers, temporary files) and the
-    output streams are flushed. With other threads still running, the normal exit (which
-    waits for them) is kept."""
+    output streams are flushed. With other threads still running (the normal exit waits for
+    them), or under a profiler or tracer (cProfile, coverage: they write their results at the
+    normal exit), the normal exit is kept."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
     if code is None:

@@ -578,6 +578,9 @@ class SyntheticSamples(Sequence[SegSample]):
     the same; the last ones read are cached (:data:`CACHE_BYTES`). A slice is a view sharing
     the cache; ``list(samples)`` makes the eager list."""
 
+    reads_no_files = True
+    """Every record's image is generated in memory: no record was read from a file."""
+
     def __init__(self, scenes: _Scenes, positions: range | None = None) -> None:
         self._scenes = scenes
         self._positions = positions

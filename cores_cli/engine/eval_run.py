@@ -351,7 +351,10 @@ def input_files(req: EvalRequest, samples: list, checkpoint: Path | None = None)
 
 def _sample_files(samples: list) -> list[Path]:
     """The files the samples were read from: each image (unless held in memory) and each
-    annotation JSON."""
+    annotation JSON. A generated sequence says it has none (reading every record to find out
+    would render every synthetic scene)."""
+    if getattr(samples, "reads_no_files", False):
+        return []
     found = []
     for s in samples:
         if s.image_array is None:

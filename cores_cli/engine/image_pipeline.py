@@ -59,6 +59,8 @@ def default_workers(on_gpu: bool, processes: int = 1) -> int:
     with fewer than 4 free)."""
     from ..threads import default_threads
 
+    if not on_gpu and len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)) < 4 * processes:
+        return 0  # too few CPUs for any worker, busy or not: no need to sample them (0.1 s)
     free = default_threads(processes)
     if on_gpu:
         return max(1, min(MAX_AUTO_WORKERS, free - 1))
