@@ -16,6 +16,7 @@ states and the data position, so on the CPU it reproduces the uninterrupted run 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import time
@@ -307,6 +308,11 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     ds.skip_unused_cpu_ops(training_device(cfg).type)  # no C++ build before step 1
     proc = init_distributed(training_device(cfg), start_alone=True, deepspeed=True)
     device = proc.device
+    if device.type == "cpu":
+        from ..threads import apply_threads
+
+        # this process's share of the idle CPUs (OMP_NUM_THREADS kept: torchrun sets 1 per process)
+        apply_threads(None, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
     _quiet_deepspeed()
     dtype = ds.train_dtype(cfg, device)
 
