@@ -192,3 +192,26 @@ def test_eval_with_a_limit_renders_only_the_scenes_it_scores(tmp_path, monkeypat
     result = invoke_cli("eval", "--dataset", "synthetic:val", "--limit", "8", "--output", str(tmp_path / "m.json"))
     assert result.exit_code == 0, result.stderr
     assert sorted(set(calls)) == list(range(8))
+
+
+def test_a_deepspeed_op_build_is_announced_with_its_cache_and_a_built_one_is_not(tmp_path, monkeypatch):
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    from cores_cli.engine import deepspeed_setup
+
+    loaded = []
+    monkeypatch.setattr(OpBuilder, "jit_load", lambda self, verbose=True: loaded.append(self.name) or "module")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    said = []
+    deepspeed_setup.announce_op_builds("cpu", said.append)
+    deepspeed_setup.announce_op_builds("cpu", said.append)  # once per process: not wrapped twice
+
+    class Op:
+        name = "cpu_adam"
+
+    assert OpBuilder.jit_load(Op()) == "module" and loaded == ["cpu_adam"]
+    assert len(said) == 1 and "cpu_adam" in said[0] and str(tmp_path / "cpu_adam") in said[0] and "compiling it once" in said[0]
+    (tmp_path / "cpu_adam").mkdir()
+    (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
+    assert OpBuilder.jit_load(Op()) == "module" and loaded == ["cpu_adam", "cpu_adam"]
+    assert len(said) == 1  # built already: loaded without a word

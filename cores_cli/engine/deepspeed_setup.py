@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -69,6 +70,38 @@ def skip_unused_cpu_ops(device_type: str) -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
+def extension_dir(name: str) -> Path:
+    """Where torch keeps the build of C++/CUDA extension ``name`` (``TORCH_EXTENSIONS_DIR``, or
+    torch's default build root, then the extension's name)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+
+
+def announce_op_builds(device_type: str, say: Callable[[str], None]) -> None:
+    """Say so, naming the op and its cache, before DeepSpeed compiles one of its ops (a
+    C++/CUDA build that takes minutes and otherwise runs silently). An op already built is
+    loaded from torch's extension folder without a word. Once per process."""
+    select_accelerator(device_type)  # before the first import of deepspeed, which fixes it
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    original = OpBuilder.jit_load
+    if getattr(original, "_cores_announces", False):
+        return
+
+    def jit_load(self, verbose=True):
+        where = extension_dir(self.name)
+        if not (where / f"{self.name}.so").is_file():
+            say(
+                f"DeepSpeed needs its {self.name} op, which is not built on this machine yet: compiling it once "
+                f"(can take minutes; kept in {where}, set TORCH_EXTENSIONS_DIR to choose where)"
+            )
+        return original(self, verbose)
+
+    jit_load._cores_announces = True
+    OpBuilder.jit_load = jit_load
 
 
 def train_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:

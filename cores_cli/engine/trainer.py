@@ -306,6 +306,7 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     resume_from = ts.find_resume_checkpoint(ckpt_root) if resume else None
 
     ds.skip_unused_cpu_ops(training_device(cfg).type)  # no C++ build before step 1
+    ds.announce_op_builds(training_device(cfg).type, reporter.message)  # any other build is said, with its cause and cache
     proc = init_distributed(training_device(cfg), start_alone=True, deepspeed=True)
     device = proc.device
     if device.type == "cpu":
