@@ -90,27 +90,6 @@ def test_a_missing_dataset_fails_before_the_model_is_built(tmp_path, monkeypatch
         run_training(recipe)
 
 
-def test_training_on_the_cpu_takes_its_share_of_the_idle_cpus(tmp_path, monkeypatch):
-    """The thread policy of predict and eval (cores_cli.threads) applies to training on the CPU:
-    this process's share among LOCAL_WORLD_SIZE processes, before the data and the model."""
-    import torch
-
-    import cores_cli.threads as threads
-
-    asked = []
-    monkeypatch.setattr(threads, "default_threads", lambda processes=1, sample_s=0.1: asked.append(processes) or 1)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    before = torch.get_num_threads()
-    recipe = tiny_recipe(tmp_path / "run", f"data.root={tmp_path}", "data.mixture={rs: {datasets: [reasonseg:train]}}")
-    try:
-        with pytest.raises(CoresError, match="ReasonSeg"):
-            run_training(recipe)
-        assert asked == [1] and torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_resume_needs_a_checkpoint_and_a_fresh_run_refuses_to_overwrite(tmp_path):
     with pytest.raises(CoresError, match="nothing to resume"):
         run_training(tiny_recipe(tmp_path / "empty"), resume=True)

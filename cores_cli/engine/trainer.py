@@ -16,7 +16,6 @@ states and the data position, so on the CPU it reproduces the uninterrupted run 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import time
@@ -309,11 +308,6 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     ds.announce_op_builds(training_device(cfg).type, reporter.message)  # any other build is said, with its cause and cache
     proc = init_distributed(training_device(cfg), start_alone=True, deepspeed=True)
     device = proc.device
-    if device.type == "cpu":
-        from ..threads import apply_threads
-
-        # this process's share of the idle CPUs (OMP_NUM_THREADS kept: torchrun sets 1 per process)
-        apply_threads(None, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
     _quiet_deepspeed()
     dtype = ds.train_dtype(cfg, device)
 
