@@ -49,9 +49,14 @@ def idle_cpus(cpus: set[int], before: str, after: str) -> int:
     return free
 
 
+def available_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity, where the platform tells)."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def default_threads(processes: int = 1, sample_s: float = IDLE_SAMPLE_S) -> int:
     """This process's share of the CPUs that are free now (at least 1)."""
-    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = available_cpus()
     try:
         before = STAT.read_text()
         time.sleep(sample_s)

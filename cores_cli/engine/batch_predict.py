@@ -60,7 +60,7 @@ from ..images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
 from ..rle import encode as rle_encode
 from ..visualize import DEFAULT_MAX_SIDE, bbox, overlay
 from .image_pipeline import PreparedImage
-from .predictor import Mode, Prediction, Predictor, Query, reserved_token_in
+from .predictor import Mode, Prediction, Predictor, reserved_token_in
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 OUTPUT_SUFFIXES = {"mask": ".mask.png", "overlay": ".overlay.png", "json": ".json"}
@@ -630,14 +630,10 @@ def prepare_job(
     stem = paths["json"].name[: -len(OUTPUT_SUFFIXES["json"])]
     if prepared is None:
         img = load_image(job.image, max_pixels)
-        t1 = time.perf_counter()
-        pred = predictor.predict(img.pixels, job.query, style=style, mode=mode, sample_id=stem)
-        load_s, image_s = t1 - t0, 0.0
+        load_s, image_s, image = time.perf_counter() - t0, 0.0, img.pixels
     else:
-        img = prepared.image
-        # what predictor.predict asks, with the image inputs made in the worker
-        pred = predictor.predict_images([(prepared.inputs, [Query(job.query, style, stem)])], mode)[0][0]
-        load_s, image_s = prepared.load_s, prepared.preprocess_s
+        img, load_s, image_s, image = prepared.image, prepared.load_s, prepared.preprocess_s, prepared.inputs
+    pred = predictor.predict(image, job.query, style=style, mode=mode, sample_id=stem)
     t2 = time.perf_counter()
     superseded = [p for _, sfx in _KNOWN_SUFFIXES if (p := paths["json"].with_name(stem + sfx)) not in paths.values()]
     staged = StagedItem(paths, {}, superseded=superseded)

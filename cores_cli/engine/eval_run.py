@@ -58,7 +58,7 @@ from ..data.registry import dataset_folders, load_samples, protocol
 from ..errors import CoresError
 from ..fileio import atomic_open, atomic_write_bytes, atomic_write_json, probe_writable, save_image_atomic
 from ..model.mllm import LlavaLoading
-from ..processing.transform import sample_pixels
+from ..processing.transform import SampleTransform, sample_pixels
 from ..visualize import comparison
 from .evaluate import EvalResult, Mode, complete_samples, evaluate, pending
 from .image_pipeline import PrefetchedSamples, default_workers
@@ -474,8 +474,6 @@ def _prefetched(req: EvalRequest, loaded: LoadedModel, samples: list, order: lis
         return samples
     step = req.batch_size if req.mode == "teacher" else 1
     # a whole batch is asked for before it runs: read the next one while this one does
-    from ..processing.transform import SampleTransform
-
     transform = SampleTransform.for_model(loaded.model, with_targets=False)  # the Predictor's image(), in the workers
     return PrefetchedSamples(samples, order, workers, ahead=2 * step + workers, transform=transform)
 

@@ -57,9 +57,9 @@ def default_workers(on_gpu: bool, processes: int = 1) -> int:
     free CPU but one prepares images. On the CPU the model itself wants those CPUs and is far
     slower than preparing its images: one worker per 4 free CPUs, at most 2 (none on a machine
     with fewer than 4 free)."""
-    from ..threads import default_threads
+    from ..threads import available_cpus, default_threads
 
-    if not on_gpu and len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)) < 4 * processes:
+    if not on_gpu and len(available_cpus()) < 4 * processes:
         return 0  # too few CPUs for any worker, busy or not: no need to sample them (0.1 s)
     free = default_threads(processes)
     if on_gpu:
@@ -281,15 +281,10 @@ class _Pool:
 
 
 def prepare_path(state: dict[str, Any], arg: tuple[str, int]) -> PreparedImage:
-    """A worker's task for ``cores predict``: one image file, ready for both towers."""
+    """A worker's task (``cores predict``, ``cores eval``): one image file (path, max_pixels),
+    read as ``load_image`` reads it and ready for both towers."""
     path, max_pixels = arg
     return prepare_image(state["transform"], path, max_pixels)
-
-
-def prepare_record_image(state: dict[str, Any], path: str) -> PreparedImage:
-    """A worker's task for ``cores eval``: one record's image, read as ``sample_pixels`` reads
-    it, and ready for both towers."""
-    return prepare_image(state["transform"], path, state.get("max_pixels", DEFAULT_MAX_PIXELS))
 
 
 class PrefetchedSamples(Sequence):
@@ -310,8 +305,8 @@ class PrefetchedSamples(Sequence):
         self._left = set(order)
         self._inputs: dict[str, Any] = {}
         self._stream = prefetch(
-            list(order), prepare_record_image, {"max_pixels": max_pixels, "transform": transform}, workers, ahead=ahead,
-            argument=lambda j: None if samples[j].image_array is not None else samples[j].image_path,
+            list(order), prepare_path, {"transform": transform}, workers, ahead=ahead,
+            argument=lambda j: None if samples[j].image_array is not None else (samples[j].image_path, max_pixels),
         )
 
     def __len__(self) -> int:

@@ -124,14 +124,15 @@ class Predictor:
 
     def predict(
         self,
-        pixels: np.ndarray,
+        pixels: np.ndarray | ImageInputs,
         query: str,
         style: QueryStyle | Literal["auto"] = "auto",
         mode: Mode = "teacher",
         sample_id: str = "",
         exemplar_key: str | None = None,
     ) -> Prediction:
-        """One query about one image. ``pixels``: uint8 (H, W, 3), upright."""
+        """One query about one image. ``pixels``: uint8 (H, W, 3), upright, or the image already
+        made ready (:meth:`predict_images`)."""
         if not query or not query.strip():
             raise CoresError("the query is empty")
         return self.predict_images([(pixels, [Query(query, style, sample_id, exemplar_key)])], mode)[0][0]
