@@ -5,7 +5,13 @@
 Timed, each ``--runs`` times in a fresh process from start to exit (the median and the range):
 
 - ``cores predict --example`` (one image, one query; outputs to a temporary folder),
-- ``cores eval --dataset synthetic:val --limit 8`` (metrics to a temporary file).
+- ``cores eval --dataset synthetic:val --limit 8`` (metrics to a temporary file),
+- the import floor: a process that only imports what any LLaVA model code must (torch,
+  transformers' LLaVA, segment_anything, peft) and exits as the commands do, without teardown.
+
+The runs are interleaved (one of each per round), so a machine that speeds up or slows down
+during the benchmark moves all three alike, and each command's median is also given above the
+floor's.
 
 Then one more process splits ``cores predict --example`` into its phases, in order: starting
 and ending Python (the command skips the teardown), the command line, importing torch, importing the rest of the model code
@@ -55,13 +61,23 @@ os._exit(0)  # as the command ends (cores_cli.cli.app.exit_without_teardown)
 """
 
 
-def run_times(argv: list[str], runs: int) -> list[float]:
-    times = []
+FLOOR = "import os, torch, transformers.models.llava.modeling_llava, segment_anything, peft; os._exit(0)"
+FLOOR_NAME = "import floor: torch, transformers' LLaVA, segment_anything, peft"
+
+
+def run_once(argv: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
+        return time.perf_counter() - start
+
+
+def run_times(argvs: dict[str, list[str]], runs: int) -> dict[str, list[float]]:
+    """``runs`` fresh processes of each command, interleaved round by round."""
+    times: dict[str, list[float]] = {name: [] for name in argvs}
     for _ in range(runs):
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
-            times.append(time.perf_counter() - start)
+        for name, argv in argvs.items():
+            times[name].append(run_once(argv))
     return times
 
 
@@ -70,6 +86,7 @@ def commands() -> dict[str, list[str]]:
     return {
         "cores predict --example": [*cores, "predict", "--example", "--out", "out"],
         "cores eval --dataset synthetic:val --limit 8": [*cores, "eval", "--dataset", "synthetic:val", "--limit", "8", "--output", "metrics.json"],
+        FLOOR_NAME: [sys.executable, "-c", FLOOR],
     }
 
 
@@ -103,21 +120,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     env_note = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in os.environ else "threads: the default policy"
-    timings = {name: run_times(cmd, args.runs) for name, cmd in commands().items()}
+    timings = run_times(commands(), args.runs)
+    floor = statistics.median(timings[FLOOR_NAME])
     split = phases()
     groups = import_groups(args.top)
     result = {
         "runs": args.runs,
-        "commands": {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in timings.items()},
+        "commands": {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "above_floor_s": statistics.median(t) - floor} for n, t in timings.items() if n != FLOOR_NAME},
+        "floor": {"median_s": floor, "min_s": min(timings[FLOOR_NAME]), "max_s": max(timings[FLOOR_NAME])},
         "phases_s": split,
         "import_self_s": dict(groups),
     }
     if not args.markdown:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"| command | median of {args.runs} | range |\n|---|---:|---:|")
+    print(f"| command | median of {args.runs} | range | median above the floor |\n|---|---:|---:|---:|")
     for name, t in timings.items():
-        print(f"| `{name}` | {statistics.median(t):.2f} s | {min(t):.2f}–{max(t):.2f} s |")
+        above = "–" if name == FLOOR_NAME else f"{statistics.median(t) - floor:+.2f} s"
+        print(f"| {name if name == FLOOR_NAME else f'`{name}`'} | {statistics.median(t):.2f} s | {min(t):.2f}–{max(t):.2f} s | {above} |")
     print(f"\nPhases of one `cores predict --example`-like process ({env_note}):\n\n| phase | seconds |\n|---|---:|")
     for name, seconds in split.items():
         print(f"| {name} | {seconds:.2f} |")
