@@ -121,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env_note = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in os.environ else "threads: the default policy"
     timings = run_times(commands(), args.runs)
-    floor = statistics.median(timings[FLOOR_NAME])
+    medians = {name: statistics.median(t) for name, t in timings.items()}
+    floor = medians[FLOOR_NAME]
     split = phases()
     groups = import_groups(args.top)
     result = {
         "runs": args.runs,
-        "commands": {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "above_floor_s": statistics.median(t) - floor} for n, t in timings.items() if n != FLOOR_NAME},
+        "commands": {n: {"median_s": medians[n], "min_s": min(t), "max_s": max(t), "above_floor_s": medians[n] - floor} for n, t in timings.items() if n != FLOOR_NAME},
         "floor": {"median_s": floor, "min_s": min(timings[FLOOR_NAME]), "max_s": max(timings[FLOOR_NAME])},
         "phases_s": split,
         "import_self_s": dict(groups),
@@ -136,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"| command | median of {args.runs} | range | median above the floor |\n|---|---:|---:|---:|")
     for name, t in timings.items():
-        above = "–" if name == FLOOR_NAME else f"{statistics.median(t) - floor:+.2f} s"
-        print(f"| {name if name == FLOOR_NAME else f'`{name}`'} | {statistics.median(t):.2f} s | {min(t):.2f}–{max(t):.2f} s | {above} |")
+        above, shown = ("–", name) if name == FLOOR_NAME else (f"{medians[name] - floor:+.2f} s", f"`{name}`")
+        print(f"| {shown} | {medians[name]:.2f} s | {min(t):.2f}–{max(t):.2f} s | {above} |")
     print(f"\nPhases of one `cores predict --example`-like process ({env_note}):\n\n| phase | seconds |\n|---|---:|")
     for name, seconds in split.items():
         print(f"| {name} | {seconds:.2f} |")
